@@ -1,0 +1,1 @@
+"""Integrations with timm and segmentation-models-pytorch (active on `import lit_attn`)."""

@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""Benchmark every registered attention block: parameters, FLOPs, latency, peak memory.
+
+    python scripts/bench_blocks.py                       # CPU (+ CUDA when present), both sizes
+    python scripts/bench_blocks.py --blocks "nonlocal*" --sizes head --device cpu
+
+Sizes: backbone (B=8, C=256, 56x56) and segmentation head (B=2, C=512, 64x128). Dense blocks
+are shown next to a naive reference written here (explicit N x N attention, the form most
+re-implementations use) and next to timm's equivalent block where one exists. Forward latency is
+measured in eval mode under no_grad; forward+backward in train mode; peak memory is the extra
+resident memory of one forward+backward (CPU: the process high-water mark, reset before each
+case through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated). Results are written
+as markdown (default docs/benchmarks.md) with the machine named.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fnmatch
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+    # a fixed mmap threshold makes glibc return large freed blocks to the OS, so that the
+    # resident high-water mark measures each case's own peak
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import lit_attn  # noqa: E402
+
+SIZES = {"backbone": (8, 256, 56, 56), "head": (2, 512, 64, 128)}
+
+
+# ----------------------------------------------------------------------------- naive references
+class NaiveNonLocal(nn.Module):
+    """Non-local block with the explicit (N, N) affinity (as in most public re-implementations)."""
+
+    def __init__(self, channels, mode="embedded_gaussian"):
+        super().__init__()
+        inner = channels // 2
+        self.mode = mode
+        self.theta, self.phi, self.g = (nn.Conv2d(channels, inner, 1) for _ in range(3))
+        self.concat = nn.Conv2d(2 * inner, 1, 1, bias=False)
+        self.out = nn.Sequential(nn.Conv2d(inner, channels, 1), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        g = self.g(x).flatten(2).transpose(1, 2)                      # (B, N, C/2)
+        if self.mode == "gaussian":
+            t = x.flatten(2).transpose(1, 2)
+            f = torch.softmax(t @ t.transpose(1, 2), -1)
+        else:
+            t, p = self.theta(x).flatten(2), self.phi(x).flatten(2)   # (B, C/2, N)
+            if self.mode == "embedded_gaussian":
+                f = torch.softmax(t.transpose(1, 2) @ p * t.shape[1] ** -0.5, -1)
+            elif self.mode == "dot":
+                f = t.transpose(1, 2) @ p / p.shape[-1]
+            else:  # concat: ReLU(w^T [theta_i, phi_j]) / N
+                wt, wp = self.concat.weight[0, : t.shape[1], 0, 0], self.concat.weight[0, t.shape[1]:, 0, 0]
+                a, bj = torch.einsum("c,bcn->bn", wt, t), torch.einsum("c,bcn->bn", wp, p)
+                f = F.relu(a[:, :, None] + bj[:, None, :]) / p.shape[-1]
+        y = (f @ g).transpose(1, 2).reshape(b, -1, h, w)
+        return x + self.out(y)
+
+
+class NaivePAM(nn.Module):
+    """DANet position attention as in the official code: explicit (N, N) energy."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.q, self.k = nn.Conv2d(channels, channels // 8, 1), nn.Conv2d(channels, channels // 8, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        energy = self.q(x).flatten(2).transpose(1, 2) @ self.k(x).flatten(2)
+        out = self.v(x).flatten(2) @ torch.softmax(energy, -1).transpose(1, 2)
+        return x + self.gamma * out.reshape(b, c, h, w)
+
+
+class NaiveAAConv(nn.Module):
+    """Attention-augmented conv as the paper's TF code: (B, Nh, N, N) content + relative logits."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.b = block  # reuse the block's shapes; the attention is recomputed densely below
+
+    def forward(self, x):
+        blk = self.b
+        b, _, h, w = x.shape
+        nh, dk, dv = blk.num_heads, blk.dk, blk.dv
+        dkh = dk // nh
+        conv_out = blk.conv(x)
+        k, q, v = torch.split(blk.qkv(x), [dk, dk, dv], 1)
+        q = q * dkh ** -0.5
+        q, k, v = (t.reshape(b, nh, t.shape[1] // nh, h * w).transpose(-1, -2) for t in (q, k, v))
+        logits = q @ k.transpose(-1, -2)
+        ys, xs = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+        rw, rh = blk.rel_tables(h, w)                                  # (2W-1, dkh), (2H-1, dkh)
+        idx_w = (xs[None, :] - xs[:, None] + w - 1).expand(b, nh, -1, -1)  # (B, Nh, N, N) offsets
+        idx_h = (ys[None, :] - ys[:, None] + h - 1).expand(b, nh, -1, -1)
+        logits = logits + torch.gather(q @ rw.t(), -1, idx_w) + torch.gather(q @ rh.t(), -1, idx_h)
+        attn = torch.softmax(logits, -1) @ v
+        attn = blk.attn_out(attn.transpose(-1, -2).reshape(b, dv, h, w))
+        return torch.cat([conv_out, attn], 1)
+
+
+def references(name: str, channels: int, block: nn.Module):
+    """(label, module) pairs to show under a block."""
+    timm_nl = lit_attn.create_attn("nl", channels)
+    if name == "nonlocal":
+        return [("naive N x N", NaiveNonLocal(channels)), ("timm `nl` (NonLocalAttn)", timm_nl)]
+    if name.startswith("nonlocal_"):
+        return [("naive N x N", NaiveNonLocal(channels, name.split("_", 1)[1]))]
+    if name in ("danet_pam", "danet"):
+        return [("naive N x N (PAM)", NaivePAM(channels))]
+    if name == "aa_conv" and hasattr(block, "rel_tables"):
+        return [("naive N x N (paper TF code)", NaiveAAConv(block))]
+    return []
+
+
+# ----------------------------------------------------------------------------- measurement
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """Extra peak memory (bytes) of the enclosed code on CPU (RSS high-water mark) or CUDA."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except OSError:
+                pass
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.peak = _status("VmHWM") - self.base
+
+
+def _timed(fn, device, reps):
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def measure(module: nn.Module, shape, device, reps: int) -> dict:
+    module = module.to(device)
+    x = torch.randn(shape, device=device)
+    row = {"params": sum(p.numel() for p in module.parameters())}
+    module.eval()
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc:
+            module(x)
+        row["gflops"] = fc.get_total_flops() / 1e9
+        module(x)
+        row["fwd_ms"] = _timed(lambda: module(x), device, reps)
+    module.train()
+    xg = x.clone().requires_grad_(True)
+
+    def step():
+        module(xg).float().square().mean().backward()
+        module.zero_grad(set_to_none=True)
+        xg.grad = None
+
+    with PeakMemory(device) as mem:
+        step()
+    row["peak_mb"] = mem.peak / 2**20
+    row["fwdbwd_ms"] = _timed(step, device, reps)
+    return row
+
+
+def build(name: str, channels: int, device):
+    return lit_attn.create_attn(name, channels)
+
+
+def machine(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def fmt(row) -> str:
+    if "error" in row:
+        return f"| {row['label']} | {row.get('kind', '')} | n/a: {row['error']} ||||||"
+    return (f"| {row['label']} | {row.get('kind', '')} | {row['params'] / 1e6:.3f} | {row['gflops']:.2f} | "
+            f"{row['fwd_ms']:.1f} | {row['fwdbwd_ms']:.1f} | {row['peak_mb']:.0f} |")
+
+
+def run(args):
+    devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
+    if args.device in ("cuda", "all") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    names = [n for n in lit_attn.list_attn() if any(fnmatch.fnmatch(n, p) for p in args.blocks.split(","))]
+    results = []
+    for device in devices:
+        for size in args.sizes.split(","):
+            b, c, h, w = SIZES[size]
+            for name in names:
+                entry = lit_attn.get_attn_entry(name)
+                torch.manual_seed(0)
+                try:
+                    block = build(name, c, device)
+                except Exception as e:  # noqa: BLE001  (some timm conv blocks need extra args)
+                    results.append(dict(device=str(device), size=size, label=f"`{name}`", kind=entry.kind,
+                                        error=f"{type(e).__name__}: {str(e)[:80]}"))
+                    continue
+                pairs = [(f"`{name}`", block)] + [(f"  ↳ {label}", ref) for label, ref in references(name, c, block)]
+                for label, module in pairs:
+                    row = dict(device=str(device), size=size, label=label, name=name, kind=entry.kind)
+                    try:
+                        row.update(measure(module, (b, c, h, w), device, args.reps))
+                    except (RuntimeError, MemoryError) as e:
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                    results.append(row)
+                    print(fmt(row), flush=True)
+                    del module
+                del block, pairs
+                gc.collect()
+    return devices, results
+
+
+def write_markdown(path, devices, results, args):
+    lines = ["# Block benchmarks", "",
+             "Produced by `scripts/bench_blocks.py` (" + " ".join(sys.argv[1:]) + "). Params in millions, "
+             "GFLOPs of one forward (torch.utils.flop_counter), median latency over "
+             f"{args.reps} runs after one warm-up, peak = extra memory of one forward+backward.", ""]
+    for device in devices:
+        lines += [f"## {device.type.upper()}: {machine(device)}", ""]
+        for size in args.sizes.split(","):
+            b, c, h, w = SIZES[size]
+            lines += [f"### {size}: B={b}, C={c}, {h}x{w} (N={h * w})", "",
+                      "| block | kind | params (M) | GFLOPs | fwd ms | fwd+bwd ms | peak MB |",
+                      "|---|---|---:|---:|---:|---:|---:|"]
+            lines += [fmt(r) for r in results if r["device"] == str(device) and r["size"] == size]
+            lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    p.add_argument("--sizes", default="backbone,head")
+    p.add_argument("--blocks", default="*", help="comma-separated glob patterns of registry names")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default="docs/benchmarks.md", help="markdown output ('' to skip)")
+    p.add_argument("--json", default="", help="also write the raw rows as JSON")
+    args = p.parse_args()
+    devices, results = run(args)
+    if args.out:
+        write_markdown(args.out, devices, results, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": {str(d): machine(d) for d in devices}, "rows": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
