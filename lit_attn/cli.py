@@ -1,71 +1,72 @@
-"""`lit-attn` console script.
+"""`lit-attn`: LightningCLI with `fit`, `validate`, `test`, `predict`, `--config`, `--print_config`.
 
-`lit-attn blocks` lists the registered blocks; `lit-attn demo` trains a timm ResNet-18 with a
-lit_attn block on scikit-learn's bundled handwritten digits for a few seconds on the CPU and
-reports test accuracy (the Lightning training CLI replaces this in the training-system issue).
+    lit-attn fit  --config recipes/quickstart.yaml
+    lit-attn test --config recipes/quickstart.yaml --ckpt_path best
+
+Models are LightningModules given by class path (`lit_attn.tasks.SegmentationTask`, or a user's
+own); data modules likewise. `data.num_classes` is linked to `model.init_args.num_classes`. The
+resolved config is saved next to the logs and, with a WandbLogger, into the W&B run config.
+`--ckpt_path best` / `last` also work in a fresh process (outside `fit`): they resolve to
+`best*.ckpt` / `last.ckpt` in the ModelCheckpoint callback's `dirpath`.
 """
 from __future__ import annotations
 
-import argparse
-import time
+import os
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
-
-def _digits(device):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    y = torch.tensor(d.target)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g)
-    train, test = perm[:1400], perm[1400:]
-    return (x[train].to(device), y[train].to(device)), (x[test].to(device), y[test].to(device))
+import lit_attn  # noqa: F401  (registers the blocks and timm names)
+import lit_attn.data  # noqa: F401  (short class names in configs)
+import lit_attn.heads  # noqa: F401
+import lit_attn.tasks  # noqa: F401
 
 
-def demo(attn: str, epochs: int, seed: int) -> float:
-    import timm
+class WandbSaveConfigCallback(SaveConfigCallback):
+    """Save the resolved config as config.yaml and, with a WandbLogger, into the run's config."""
 
-    import lit_attn  # noqa: F401  (registers the block names in timm)
-
-    torch.manual_seed(seed)
-    (xt, yt), (xv, yv) = _digits("cpu")
-    model = timm.create_model("resnet18", block_args={"attn_layer": attn}, num_classes=10)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    start = time.time()
-    for epoch in range(epochs):
-        model.train()
-        for i in torch.randperm(len(yt)).split(64):
-            loss = F.cross_entropy(model(xt[i]), yt[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            acc = (model(xv).argmax(1) == yv).float().mean().item()
-        print(f"epoch {epoch + 1}/{epochs}  train loss {loss.item():.3f}  test acc {acc:.3f}  "
-              f"({time.time() - start:.0f} s)")
-    return acc
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if isinstance(trainer.logger, WandbLogger):
+            trainer.logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="lit-attn", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("blocks", help="list the registered attention blocks")
-    d = sub.add_parser("demo", help="train resnet18 + an attention block on sklearn digits (CPU, ~1 min)")
-    d.add_argument("--attn", default="psa_p")
-    d.add_argument("--epochs", type=int, default=3)
-    d.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.cmd == "blocks":
-        import lit_attn
+class LitAttnCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
-        for name in lit_attn.list_attn():
-            e = lit_attn.get_attn_entry(name)
-            print(f"{name:20s} {e.kind:7s} {e.cost:28s} {e.paper}")
-    else:
-        demo(args.attn, args.epochs, args.seed)
+    def _resolve_ckpt_path(self) -> None:
+        cfg = self.config_init[self.subcommand]
+        wanted = cfg.get("ckpt_path")
+        if wanted not in ("best", "last"):
+            return
+        ckpt_cb = next((c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+        dirpath = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else None
+        if dirpath is None:
+            raise ValueError(f"--ckpt_path {wanted} needs a ModelCheckpoint callback with a dirpath in the config")
+        if wanted == "last":
+            candidates = [dirpath / "last.ckpt"]
+        else:
+            candidates = sorted(dirpath.glob("best*.ckpt"), key=os.path.getmtime, reverse=True)
+        found = next((p for p in candidates if p.exists()), None)
+        if found is None:
+            raise FileNotFoundError(f"--ckpt_path {wanted}: no {'last.ckpt' if wanted == 'last' else 'best*.ckpt'} "
+                                    f"in {dirpath}; run `lit-attn fit` with this config first")
+        cfg["ckpt_path"] = str(found)
+
+    before_validate = before_test = before_predict = _resolve_ckpt_path
+
+
+def cli_main(args=None, run: bool = True) -> LitAttnCLI:
+    os.environ.setdefault("WANDB_MODE", "offline")  # W&B stays offline unless configured
+    return LitAttnCLI(
+        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        save_config_callback=WandbSaveConfigCallback, save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False, args=args, run=run,
+        parser_kwargs={"default_env": True, "env_prefix": "LIT_ATTN"})
+
+
+def main() -> None:
+    cli_main()

@@ -49,8 +49,11 @@ class NaiveNonLocal(nn.Module):
         super().__init__()
         inner = channels // 2
         self.mode = mode
-        self.theta, self.phi, self.g = (nn.Conv2d(channels, inner, 1) for _ in range(3))
-        self.concat = nn.Conv2d(2 * inner, 1, 1, bias=False)
+        self.g = nn.Conv2d(channels, inner, 1)
+        if mode != "gaussian":
+            self.theta, self.phi = nn.Conv2d(channels, inner, 1), nn.Conv2d(channels, inner, 1)
+        if mode == "concat":
+            self.concat = nn.Conv2d(2 * inner, 1, 1, bias=False)
         self.out = nn.Sequential(nn.Conv2d(inner, channels, 1), nn.BatchNorm2d(channels))
 
     def forward(self, x):
@@ -90,30 +93,28 @@ class NaivePAM(nn.Module):
 
 
 class NaiveAAConv(nn.Module):
-    """Attention-augmented conv as the paper's TF code: (B, Nh, N, N) content + relative logits."""
+    """Attention-augmented conv as the paper's TF code: dense (B, Nh, N, N) content + relative logits."""
 
     def __init__(self, block):
         super().__init__()
-        self.b = block  # reuse the block's shapes; the attention is recomputed densely below
+        self.b = block  # reuse the block's weights; the attention is recomputed densely below
 
     def forward(self, x):
+        from lit_attn.layers.aa_conv import relative_index
+
         blk = self.b
         b, _, h, w = x.shape
         nh, dk, dv = blk.num_heads, blk.dk, blk.dv
-        dkh = dk // nh
-        conv_out = blk.conv(x)
         k, q, v = torch.split(blk.qkv(x), [dk, dk, dv], 1)
-        q = q * dkh ** -0.5
+        q = q * blk.dkh ** -0.5
         q, k, v = (t.reshape(b, nh, t.shape[1] // nh, h * w).transpose(-1, -2) for t in (q, k, v))
-        logits = q @ k.transpose(-1, -2)
         ys, xs = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
-        rw, rh = blk.rel_tables(h, w)                                  # (2W-1, dkh), (2H-1, dkh)
-        idx_w = (xs[None, :] - xs[:, None] + w - 1).expand(b, nh, -1, -1)  # (B, Nh, N, N) offsets
-        idx_h = (ys[None, :] - ys[:, None] + h - 1).expand(b, nh, -1, -1)
-        logits = logits + torch.gather(q @ rw.t(), -1, idx_w) + torch.gather(q @ rh.t(), -1, idx_h)
-        attn = torch.softmax(logits, -1) @ v
-        attn = blk.attn_out(attn.transpose(-1, -2).reshape(b, dv, h, w))
-        return torch.cat([conv_out, attn], 1)
+        idx_h = relative_index(h, blk.feat_size[0])[ys[:, None], ys[None, :]].expand(b, nh, -1, -1)
+        idx_w = relative_index(w, blk.feat_size[1])[xs[:, None], xs[None, :]].expand(b, nh, -1, -1)
+        logits = (q @ k.transpose(-1, -2) + torch.gather(q @ blk.r_height.t(), -1, idx_h)
+                  + torch.gather(q @ blk.r_width.t(), -1, idx_w))
+        attn = blk.proj((torch.softmax(logits, -1) @ v).transpose(-1, -2).reshape(b, dv, h, w))
+        return torch.cat([blk.conv(x), attn], 1)
 
 
 def references(name: str, channels: int, block: nn.Module):
@@ -125,7 +126,7 @@ def references(name: str, channels: int, block: nn.Module):
         return [("naive N x N", NaiveNonLocal(channels, name.split("_", 1)[1]))]
     if name in ("danet_pam", "danet"):
         return [("naive N x N (PAM)", NaivePAM(channels))]
-    if name == "aa_conv" and hasattr(block, "rel_tables"):
+    if name == "aa_conv":
         return [("naive N x N (paper TF code)", NaiveAAConv(block))]
     return []
 
@@ -208,8 +209,14 @@ def measure(module: nn.Module, shape, device, reps: int) -> dict:
     return row
 
 
-def build(name: str, channels: int, device):
+def build(name: str, channels: int, shape):
+    if name == "aa_conv":  # relative tables sized for the benchmark grid
+        return lit_attn.create_attn(name, channels, feat_size=shape[-2:])
     return lit_attn.create_attn(name, channels)
+
+
+# dense references that would not fit in memory at the full batch are run (with the block) at B=1
+BATCH_OVERRIDE = {("aa_conv", "head"): 1}
 
 
 def machine(device) -> str:
@@ -231,7 +238,7 @@ def fmt(row) -> str:
             f"{row['fwd_ms']:.1f} | {row['fwdbwd_ms']:.1f} | {row['peak_mb']:.0f} |")
 
 
-def run(args):
+def run(args, on_row=None):
     devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
@@ -239,25 +246,31 @@ def run(args):
     results = []
     for device in devices:
         for size in args.sizes.split(","):
-            b, c, h, w = SIZES[size]
             for name in names:
+                b, c, h, w = SIZES[size]
+                b = BATCH_OVERRIDE.get((name, size), b)
                 entry = lit_attn.get_attn_entry(name)
                 torch.manual_seed(0)
                 try:
-                    block = build(name, c, device)
+                    block = build(name, c, (b, c, h, w))
                 except Exception as e:  # noqa: BLE001  (some timm conv blocks need extra args)
                     results.append(dict(device=str(device), size=size, label=f"`{name}`", kind=entry.kind,
                                         error=f"{type(e).__name__}: {str(e)[:80]}"))
                     continue
-                pairs = [(f"`{name}`", block)] + [(f"  ↳ {label}", ref) for label, ref in references(name, c, block)]
+                tag = f" (B={b})" if (name, size) in BATCH_OVERRIDE else ""
+                refs = [(f"  ↳ {label}", ref) for label, ref in references(name, c, block)]
+                pairs = [(f"`{name}`{tag}", block)] + refs
                 for label, module in pairs:
                     row = dict(device=str(device), size=size, label=label, name=name, kind=entry.kind)
                     try:
                         row.update(measure(module, (b, c, h, w), device, args.reps))
-                    except (RuntimeError, MemoryError) as e:
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                    except Exception as e:  # noqa: BLE001  (e.g. timm's BAT asserts H, W divisible by 7)
+                        msg = str(e).splitlines()[0][:80] if str(e) else "assertion on the input size"
+                        row["error"] = f"{type(e).__name__}: {msg}"
                     results.append(row)
                     print(fmt(row), flush=True)
+                    if on_row is not None:
+                        on_row(devices, results)
                     del module
                 del block, pairs
                 gc.collect()
@@ -291,9 +304,12 @@ def main():
     p.add_argument("--out", default="docs/benchmarks.md", help="markdown output ('' to skip)")
     p.add_argument("--json", default="", help="also write the raw rows as JSON")
     args = p.parse_args()
-    devices, results = run(args)
-    if args.out:
-        write_markdown(args.out, devices, results, args)
+    def save(devices, results):
+        if args.out:
+            write_markdown(args.out, devices, results, args)
+
+    devices, results = run(args, on_row=save)
+    save(devices, results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": {str(d): machine(d) for d in devices}, "rows": results}, f, indent=1)

@@ -76,8 +76,11 @@ def test_equal_dims_take_the_fused_flash_kernel_on_cpu():
     torch.testing.assert_close(out, naive_attention(q, q, q, 8 ** -0.5), rtol=1e-4, atol=1e-5)
 
 
-def test_unequal_dims_never_materialise_n_by_n_on_cpu():
-    """Profile the allocations: none may be as large as one (Nq, Nk) fp32 matrix."""
+def test_unequal_dims_never_materialise_n_by_n_on_cpu(monkeypatch):
+    """Profile the allocations: with a chunk budget below N x N, none is as large as the matrix."""
+    import lit_attn.ops.attention as ops_attention
+
+    monkeypatch.setattr(ops_attention, "CHUNK_ELEMENTS", 1 << 18)  # 256 queries per chunk here
     n = 1024
     q, k = torch.randn(1, 1, n, 8, requires_grad=True), torch.randn(1, 1, n, 8, requires_grad=True)
     v = torch.randn(1, 1, n, 32, requires_grad=True)
@@ -110,6 +113,15 @@ def test_autocast_close_to_exact_on_rounded_inputs(dtype, dims):
         out = global_attention(q, k, v)
     ref = naive_attention(*(t.to(dtype).double() for t in (q, k, v)), dk ** -0.5)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_default_chunk_budget():
+    from lit_attn.ops.attention import CHUNK_ELEMENTS, default_chunk
+
+    q, k = torch.empty(2, 1, 8192, 64), torch.empty(2, 1, 8192, 64)
+    assert default_chunk(q, k) == CHUNK_ELEMENTS // (2 * 8192) == 1024
+    assert default_chunk(torch.empty(1, 1, 10, 8), torch.empty(1, 1, 10, 8)) == 10
+    assert default_chunk(torch.empty(64, 8, 10**5, 8), torch.empty(64, 8, 10**5, 8)) == 64
 
 
 def test_token_layout_roundtrip():

@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DEFAULT_CHUNK = 256
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MB in fp32): large GEMMs, memory far below N x N
+
+
+def default_chunk(q: Tensor, k: Tensor) -> int:
+    """Queries per chunk so that one chunk's (batch, heads, chunk, Nk) logits hold ~CHUNK_ELEMENTS."""
+    rows = q.numel() // (q.shape[-1] * q.shape[-2])  # batch x heads
+    return min(q.shape[-2], max(64, CHUNK_ELEMENTS // max(1, rows * k.shape[-2])))
 
 
 def map_to_tokens(x: Tensor, heads: int = 1) -> Tensor:
@@ -61,10 +67,12 @@ class _ChunkedAttention(torch.autograd.Function):
             logits = torch.matmul(q[..., s:e, :].to(acc), kt).mul_(scale)
             if rel_h is not None:
                 logits += _bias(rel_h, rel_w, s, e)
-            lse_i = torch.logsumexp(logits, -1)
-            p = logits.sub_(lse_i.unsqueeze(-1)).exp_()
+            # the fused softmax is several times faster than logsumexp on CPU; the log-sum-exp the
+            # backward needs follows from it, since the largest probability sits at the largest logit
+            row_max = logits.amax(-1)
+            p = torch.softmax(logits, -1)
+            lse[..., s:e] = row_max - p.amax(-1).log()
             out[..., s:e, :] = torch.matmul(p.to(v.dtype), v)
-            lse[..., s:e] = lse_i
         ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse)
         ctx.scale, ctx.chunk = scale, chunk
         return out
@@ -112,8 +120,9 @@ def _common_dtype(*ts: Tensor) -> torch.dtype:
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
                       rel_h: Tensor | None = None, rel_w: Tensor | None = None,
-                      chunk_size: int = DEFAULT_CHUNK) -> Tensor:
-    """Exact softmax(q k^T * scale + bias) v, processed in blocks of `chunk_size` queries."""
+                      chunk_size: int | None = None) -> Tensor:
+    """Exact softmax(q k^T * scale + bias) v, processed in blocks of `chunk_size` queries
+    (default: `default_chunk`, about 16M logits per block)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = _common_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -121,7 +130,7 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
         acc = _acc_dtype(q)
         rel_h, rel_w = rel_h.to(acc), rel_w.to(acc)
     with torch.autocast(q.device.type, enabled=False):
-        return _ChunkedAttention.apply(q, k, v, rel_h, rel_w, scale, chunk_size)
+        return _ChunkedAttention.apply(q, k, v, rel_h, rel_w, scale, chunk_size or default_chunk(q, k))
 
 
 def _fold_rel_bias(q, k, rel_h, rel_w, scale):

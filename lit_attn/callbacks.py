@@ -1,0 +1,129 @@
+"""Lightning callbacks: colour-coded mask writer for `predict`, and a W&B validation panel.
+
+`SegmentationMaskWriter` writes one palette PNG per predicted image (named after the input).
+`SegmentationPanel` logs, once per validation epoch, a few validation images with their
+ground-truth and predicted masks (wandb.Image masks), a per-pixel map of what each lit_attn
+block changed in the first image (||block(x) - x|| over channels, upsampled: where the
+attention acts), and the per-class IoU table. It does nothing without a WandbLogger.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+
+from .registry import _REGISTRY
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def default_palette(n: int) -> list[tuple[int, int, int]]:
+    """Pascal VOC's colour map (bit-interleaved), for data modules without a palette."""
+    out = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out.append((r, g, b))
+    return out
+
+
+def _palette(trainer, n: int) -> list[tuple[int, int, int]]:
+    pal = getattr(getattr(trainer, "datamodule", None), "palette", None)
+    return [tuple(int(v) for v in c) for c in pal] if pal else default_palette(n)
+
+
+class SegmentationMaskWriter(BasePredictionWriter):
+    """Write each prediction of `lit-attn predict` as a colour-coded palette PNG in `output_dir`."""
+
+    def __init__(self, output_dir: str = "predictions"):
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        preds = prediction["pred"].cpu().numpy().astype(np.uint8)
+        names = prediction.get("name") or [f"{batch_idx:06d}_{i}" for i in range(len(preds))]
+        flat = [v for rgb in _palette(trainer, pl_module.num_classes) for v in rgb]
+        for pred, name in zip(preds, names, strict=True):
+            img = Image.fromarray(pred, mode="P")
+            img.putpalette(flat)
+            img.save(self.output_dir / f"{Path(str(name)).stem}.png")
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    mean = image.new_tensor(IMAGENET_MEAN)[:, None, None]
+    std = image.new_tensor(IMAGENET_STD)[:, None, None]
+    img = (image.float() * std + mean).clamp(0, 1)
+    return (img.permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
+
+
+def lit_attn_blocks(model: torch.nn.Module):
+    """(qualified name, module) of every lit_attn-registered block inside `model`."""
+    classes = tuple({getattr(e.cls, "func", e.cls) for e in _REGISTRY.values() if isinstance(e.cls, type)})
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, classes)]
+
+
+class SegmentationPanel(Callback):
+    """Log validation images with masks, attention-effect maps and the per-class IoU table to W&B."""
+
+    def __init__(self, num_images: int = 4, max_blocks: int = 4):
+        self.num_images, self.max_blocks = num_images, max_blocks
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx != 0 or trainer.sanity_checking or not isinstance(trainer.logger, WandbLogger):
+            return
+        if trainer.global_rank != 0:
+            return
+        names = [str(n) for n in (pl_module.class_names or range(pl_module.num_classes))]
+        labels = dict(enumerate(names))
+        images = batch["image"][: self.num_images]
+        masks = [{"predictions": {"mask_data": p.cpu().numpy().astype(np.uint8), "class_labels": labels},
+                  "ground_truth": {"mask_data": g.cpu().numpy().astype(np.uint8), "class_labels": labels}}
+                 for p, g in zip(outputs[: self.num_images], batch["mask"][: self.num_images], strict=True)]
+        trainer.logger.log_image("val/predictions", images=[_to_uint8(i) for i in images], masks=masks,
+                                 step=trainer.global_step)
+        maps, captions = self.attention_maps(pl_module, images[:1])
+        if maps:
+            trainer.logger.log_image("val/attention", images=maps, caption=captions, step=trainer.global_step)
+
+    @torch.no_grad()
+    def attention_maps(self, pl_module, image: torch.Tensor):
+        """For each lit_attn block (up to max_blocks): ||block(x) - x|| over channels, as an image."""
+        blocks = lit_attn_blocks(pl_module.model)[: self.max_blocks]
+        captured, hooks = [], []
+        for name, block in blocks:
+            def hook(mod, inp, out, name=name):
+                if isinstance(out, torch.Tensor) and out.shape == inp[0].shape:
+                    captured.append((name, (out - inp[0]).float().norm(dim=1, keepdim=True)))
+            hooks.append(block.register_forward_hook(hook))
+        try:
+            pl_module.model(image)
+        finally:
+            for h in hooks:
+                h.remove()
+        maps, captions = [], []
+        for name, m in captured:
+            m = F.interpolate(m, size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+            m = (m - m.min()) / (m.max() - m.min()).clamp(min=1e-12)
+            maps.append((m.cpu().numpy() * 255).astype(np.uint8))
+            captions.append(f"{name}: ||block(x) - x||")
+        return maps, captions
+
+    def on_validation_end(self, trainer, pl_module):  # after the module's epoch-end hook
+        iou = getattr(pl_module, "per_class_iou", None)
+        if trainer.sanity_checking or not iou or not isinstance(trainer.logger, WandbLogger):
+            return
+        if trainer.global_rank == 0:
+            trainer.logger.log_table("val/per_class_iou", columns=["class", "IoU"],
+                                     data=[[k, v] for k, v in iou.items()], step=trainer.global_step)

@@ -1,0 +1,186 @@
+"""mmsegmentation's FCNHead and the conv + norm + act unit (mmcv's ConvModule) the heads are built from.
+
+Long, Shelhamer, Darrell, "Fully Convolutional Networks for Semantic Segmentation", CVPR 2015,
+arXiv 1411.4038, in mmsegmentation's form (`mmseg/models/decode_heads/fcn_head.py`): `num_convs`
+k x k ConvModules, optionally `conv_cat` on concat([x, out]), Dropout2d, a 1x1 classifier `conv_seg`.
+Submodule names follow mmseg (`convs.i.conv`, `convs.i.bn`, `conv_cat`, `conv_seg`), so an mmseg
+FCNHead state dict loads by key.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from timm.layers import create_act_layer, get_norm_layer
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+__all__ = ["ConvModule", "FCNHead", "init_head_weights", "resolve_norm_layer", "resolve_act_layer"]
+
+LayerSpec = str | Callable[..., nn.Module] | None
+
+
+def resolve_norm_layer(norm_layer: LayerSpec) -> Callable[..., nn.Module] | None:
+    """A norm class from a class or a timm name ("batchnorm", "groupnorm", "layernorm2d", ...); None: no norm."""
+    if norm_layer is None or norm_layer == "":
+        return None
+    if isinstance(norm_layer, str) and norm_layer.replace("_", "").lower() in ("syncbatchnorm", "syncbn"):
+        return nn.SyncBatchNorm
+    try:
+        return get_norm_layer(norm_layer)
+    except (KeyError, AssertionError):
+        raise ValueError(f"unknown norm_layer {norm_layer!r}; use a class or a timm norm name such as "
+                         f"'batchnorm', 'groupnorm', 'layernorm2d'") from None
+
+
+def resolve_act_layer(act_layer: LayerSpec) -> LayerSpec:
+    """`act_layer` as given (a class or a timm name such as "relu", "gelu"); None or "": no activation."""
+    return None if act_layer in (None, "") else act_layer
+
+
+def _norm_abbr(norm: nn.Module) -> str:
+    """The attribute name mmcv's ConvModule gives a norm layer ('bn', 'gn', 'ln', 'in', else 'norm_layer')."""
+    if isinstance(norm, _InstanceNorm):
+        return "in"
+    if isinstance(norm, _BatchNorm):
+        return "bn"
+    if isinstance(norm, nn.GroupNorm):
+        return "gn"
+    if isinstance(norm, nn.LayerNorm) or "layernorm" in type(norm).__name__.lower():
+        return "ln"
+    return "norm_layer"
+
+
+class ConvModule(nn.Sequential):
+    """conv -> norm -> act, as mmcv's ConvModule with its defaults (order conv/norm/act, the conv has a
+    bias only without a norm, in-place activation). Children are named `conv`, `bn` (`gn`, `ln`, `in` or
+    `norm_layer` for other norms, as mmcv) and `act`; the `norm` property returns the norm layer.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
+                 padding: int | None = None, dilation: int = 1, groups: int = 1,
+                 norm_layer: LayerSpec = nn.BatchNorm2d, act_layer: LayerSpec = nn.ReLU):
+        super().__init__()
+        if padding is None:
+            padding = (kernel_size // 2) * dilation
+        norm_cls = resolve_norm_layer(norm_layer)
+        act = resolve_act_layer(act_layer)
+        self.add_module("conv", nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                                          dilation=dilation, groups=groups, bias=norm_cls is None))
+        if norm_cls is not None:
+            norm = norm_cls(out_channels)
+            self.norm_name = _norm_abbr(norm)
+            self.add_module(self.norm_name, norm)
+        else:
+            self.norm_name = None
+        if act is not None:
+            self.add_module("act", create_act_layer(act, inplace=True))
+
+    @property
+    def norm(self) -> nn.Module | None:
+        return getattr(self, self.norm_name) if self.norm_name else None
+
+    def init_weights(self) -> None:
+        """mmcv's ConvModule init: kaiming normal (fan_out, relu) conv weight, zero bias; norm weight 1, bias 0."""
+        nn.init.kaiming_normal_(self.conv.weight, a=0, mode="fan_out", nonlinearity="relu")
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+        norm = self.norm
+        if norm is not None:
+            if getattr(norm, "weight", None) is not None:
+                nn.init.ones_(norm.weight)
+            if getattr(norm, "bias", None) is not None:
+                nn.init.zeros_(norm.bias)
+
+
+def init_head_weights(head: nn.Module, skip: tuple[nn.Module, ...] = ()) -> None:
+    """mmseg's decode-head init: every ConvModule of `head` kaiming (fan_out) + norm (1, 0), `conv_seg`
+    N(0, 0.01) with zero bias. Modules in `skip` (the attention blocks, which keep their own paper
+    init, e.g. a zero gamma) and their children are left alone.
+    """
+    skipped = {id(m) for s in skip for m in s.modules()}
+    for m in head.modules():
+        if isinstance(m, ConvModule) and id(m) not in skipped:
+            m.init_weights()
+    conv_seg = getattr(head, "conv_seg", None)
+    if isinstance(conv_seg, nn.Conv2d):
+        nn.init.normal_(conv_seg.weight, mean=0.0, std=0.01)
+        if conv_seg.bias is not None:
+            nn.init.zeros_(conv_seg.bias)
+
+
+class FCNHead(nn.Module):
+    """mmsegmentation's FCNHead (FCN, Long et al., CVPR 2015, arXiv 1411.4038).
+
+    `convs` = `num_convs` ConvModules (in -> channels, then channels -> channels; k x k, padding
+    (k // 2) * dilation); with `concat_input`, `conv_cat` = ConvModule(in + channels -> channels, k x k,
+    undilated) on concat([x, convs(x)]) (input first, as mmseg); then Dropout2d(`dropout`) and `conv_seg`, a 1x1 conv
+    with bias to `num_classes`. `num_convs=0` needs in_channels == channels (mmseg's rule). Init as
+    mmseg: ConvModules kaiming normal (fan_out), norms (1, 0), conv_seg N(0, 0.01). mmseg's auxiliary
+    head is `FCNHead(1024, 256, K, num_convs=1, concat_input=False)` on ResNet stage 3; its FCN-D8
+    decode head `FCNHead(2048, 512, K)`. Input (B, in_channels, H, W), output (B, num_classes, H, W).
+    """
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, *, num_convs: int = 2,
+                 kernel_size: int = 3, dilation: int = 1, concat_input: bool = True, dropout: float = 0.1,
+                 norm_layer: LayerSpec = nn.BatchNorm2d, act_layer: LayerSpec = nn.ReLU):
+        super().__init__()
+        name = type(self).__name__
+        for what, v in (("in_channels", in_channels), ("channels", channels), ("num_classes", num_classes)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: {what} must be a positive int, got {v!r}")
+        if not isinstance(num_convs, int) or num_convs < 0:
+            raise ValueError(f"{name}: num_convs must be an int >= 0, got {num_convs!r}")
+        if num_convs == 0 and in_channels != channels:
+            raise ValueError(f"{name}: num_convs=0 needs in_channels == channels, got {in_channels} != {channels}")
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"{name}: kernel_size must be a positive odd int, got {kernel_size!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
+        self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
+        self.num_convs, self.kernel_size, self.concat_input = num_convs, kernel_size, bool(concat_input)
+        conv_args = dict(kernel_size=kernel_size, dilation=dilation, norm_layer=norm_layer, act_layer=act_layer)
+        if num_convs == 0:
+            self.convs = nn.Identity()
+        else:
+            self.convs = nn.Sequential(*[ConvModule(in_channels if i == 0 else channels, channels, **conv_args)
+                                         for i in range(num_convs)])
+        if self.concat_input:  # mmseg: conv_cat is never dilated (padding k // 2)
+            self.conv_cat = ConvModule(in_channels + channels, channels, kernel_size=kernel_size,
+                                       norm_layer=norm_layer, act_layer=act_layer)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        self.init_weights()
+
+    def attention_modules(self) -> tuple[nn.Module, ...]:
+        """The attention blocks inside the head (none here); `init_weights` leaves them alone."""
+        return ()
+
+    def init_weights(self) -> None:
+        init_head_weights(self, skip=self.attention_modules())
+
+    def _check(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__} expects a (B, {self.in_channels}, H, W) feature map, "
+                             f"got {shape}")
+
+    def context(self, x: Tensor) -> Tensor:
+        """convs(x): the part of the head between the input and the concat (heads override this)."""
+        return self.convs(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The (B, channels, H, W) features before dropout and the classifier."""
+        self._check(x)
+        out = self.context(x)
+        if self.concat_input:
+            out = self.conv_cat(torch.cat([x, out], dim=1))
+        return out
+
+    def cls_seg(self, feat: Tensor) -> Tensor:
+        """Dropout2d, then the 1x1 classifier (mmseg's `cls_seg`)."""
+        return self.conv_seg(self.dropout(feat))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.cls_seg(self.forward_features(x))

@@ -1,0 +1,78 @@
+"""Test-time inference for segmentation: whole image, sliding window, multi-scale + flip.
+
+Follows mmsegmentation's `EncoderDecoder.whole_inference` / `slide_inference` / `aug_test`:
+slide crops of `crop_size` every `stride` pixels (the last crop aligned to the border), logits
+summed and divided by the per-pixel crop count; multi-scale + flip averages the softmax
+probabilities of every (scale, flip) pass after resizing them back to the input size.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ("whole", "slide")
+
+
+def _main_logits(out) -> Tensor:
+    if isinstance(out, dict):
+        out = out["out"]
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def resize(logits: Tensor, size) -> Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def whole_inference(model: Callable, x: Tensor) -> Tensor:
+    return resize(_main_logits(model(x)), x.shape[-2:])
+
+
+def slide_inference(model: Callable, x: Tensor, crop_size: Sequence[int], stride: Sequence[int]) -> Tensor:
+    """Logits of `x` from overlapping crops (mmseg's slide_inference)."""
+    (h_crop, w_crop), (h_stride, w_stride) = crop_size, stride
+    if min(h_crop, w_crop, h_stride, w_stride) < 1:
+        raise ValueError(f"slide inference needs positive crop_size and stride, got {crop_size}, {stride}")
+    b, _, h, w = x.shape
+    h_grids = max(h - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w - w_crop + w_stride - 1, 0) // w_stride + 1
+    logits, count = None, x.new_zeros(1, 1, h, w)
+    for i in range(h_grids):
+        for j in range(w_grids):
+            y2, x2 = min(i * h_stride + h_crop, h), min(j * w_stride + w_crop, w)
+            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+            crop = whole_inference(model, x[:, :, y1:y2, x1:x2])
+            if logits is None:
+                logits = x.new_zeros(b, crop.shape[1], h, w, dtype=crop.dtype)
+            logits[:, :, y1:y2, x1:x2] += crop
+            count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+def segment(model: Callable, x: Tensor, *, mode: str = "whole", crop_size=None, stride=None,
+            scales: Sequence[float] = (1.0,), flip: bool = False) -> Tensor:
+    """Class scores (B, K, H, W) of `x`: logits for a single pass, mean probabilities for several."""
+    if mode not in MODES:
+        raise ValueError(f"inference mode must be one of {MODES}, got {mode!r}")
+    if mode == "slide" and (crop_size is None or stride is None):
+        raise ValueError("slide inference needs crop_size and stride")
+
+    def once(inp):
+        if mode == "slide":
+            return slide_inference(model, inp, crop_size, stride)
+        return whole_inference(model, inp)
+
+    passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+    if passes == [(1.0, False)]:
+        return once(x)
+    size, probs = x.shape[-2:], 0
+    for scale, flipped in passes:
+        inp = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        inp = inp.flip(-1) if flipped else inp
+        out = once(inp)
+        out = out.flip(-1) if flipped else out
+        probs = probs + resize(out, size).softmax(1)
+    return probs / len(passes)

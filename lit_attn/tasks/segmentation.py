@@ -1,0 +1,176 @@
+"""SegmentationTask: a LightningModule around any segmentation model (smp, lit_attn heads, ...).
+
+mmsegmentation's training recipe by default: cross-entropy with ignore_index 255, auxiliary
+losses weighted 0.4, SGD (lr 0.01, momentum 0.9, weight decay 5e-4) with a poly schedule
+(power 0.9, min lr 1e-4) stepped per iteration after an optional linear warm-up; metrics are
+torchmetrics' MulticlassJaccardIndex (dataset-level macro mIoU with ignore_index, synced under
+DDP) and pixel accuracy. Validation runs whole-image inference; test and predict use the
+configured mode (whole / slide) with optional multi-scale + flip.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning.pytorch import LightningModule
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor, nn
+from torchmetrics import ClasswiseWrapper, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from .inference import resize, segment
+from .losses import SegmentationLoss
+from .optim import build_optimizer
+
+__all__ = ["SegmentationTask"]
+
+
+def split_outputs(out) -> tuple[Tensor, list[Tensor]]:
+    """(main logits, auxiliary logits) from a Tensor, a (main, *aux) tuple or a {"out", "aux"} dict."""
+    if isinstance(out, dict):
+        aux = out.get("aux", [])
+        return out["out"], list(aux) if isinstance(aux, (list, tuple)) else [aux]
+    if isinstance(out, (tuple, list)):
+        return out[0], list(out[1:])
+    return out, []
+
+
+class SegmentationTask(LightningModule):
+    """Train / evaluate a semantic segmentation model.
+
+    Args:
+        model: any nn.Module mapping images (B, 3, H, W) to logits (B, num_classes, h, w), or in
+            training mode to (main, *aux) logits (see docs/TRAINING_CONTRACTS.md).
+        num_classes: number of classes (the data module's, linked by the CLI).
+        loss: "ce", "ohem", "dice", "lovasz", or a "+"-joined sum (e.g. "ce+dice").
+        aux_weight: weight of each auxiliary output's loss (mmseg: 0.4).
+        optimizer: "sgd" or "adamw"; lr, momentum, weight_decay as mmseg's defaults.
+        warmup_iters, warmup_ratio, poly_power, min_lr: the per-iteration schedule.
+        test_mode: "whole" or "slide" (with crop_size, stride) for test and predict.
+        test_scales, test_flip: multi-scale + horizontal-flip testing (probabilities averaged).
+        class_names: names for per-class IoU logging (default: the data module's, else indices).
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, *, ignore_index: int = 255, loss: str = "ce",
+                 aux_weight: float = 0.4, ohem_thresh: float = 0.7, ohem_min_kept: int = 100_000,
+                 class_weight: list[float] | None = None, optimizer: str = "sgd", lr: float = 0.01,
+                 momentum: float = 0.9, weight_decay: float = 5e-4, warmup_iters: int = 0,
+                 warmup_ratio: float = 1e-6, poly_power: float = 0.9, min_lr: float = 1e-4,
+                 test_mode: str = "whole", crop_size: Sequence[int] | None = None,
+                 stride: Sequence[int] | None = None, test_scales: Sequence[float] = (1.0,),
+                 test_flip: bool = False, class_names: list[str] | None = None):
+        super().__init__()
+        if _given_hyperparameters.get() is None:  # built in Python: the model is saved in the state dict
+            self.save_hyperparameters(ignore=["model"])
+        else:  # built by LightningCLI: the model's config is saved, so checkpoints rebuild it
+            self.save_hyperparameters()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"SegmentationTask: num_classes must be an int >= 2, got {num_classes!r}")
+        self.model = model
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.criterion = SegmentationLoss(loss, ignore_index, ohem_thresh, ohem_min_kept, class_weight)
+        self.aux_weight = aux_weight
+        self.class_names = class_names
+        self.val_metrics = self._metrics("val/")
+        self.test_metrics = self._metrics("test/")
+
+    def _metrics(self, prefix: str) -> MetricCollection:
+        k, ig = self.num_classes, self.ignore_index
+        return MetricCollection({
+            "mIoU": MulticlassJaccardIndex(k, average="macro", ignore_index=ig, validate_args=False),
+            "acc": MulticlassAccuracy(k, average="micro", ignore_index=ig, validate_args=False),
+        }, prefix=prefix)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(dm, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(f"SegmentationTask has num_classes={self.num_classes} but the data module "
+                             f"{type(dm).__name__} has {data_classes}")
+        if self.class_names is None:
+            self.class_names = list(getattr(dm, "class_names", None) or map(str, range(self.num_classes)))
+        labels = [str(n) for n in self.class_names]
+        for split in ("val", "test"):
+            per_class = ClasswiseWrapper(
+                MulticlassJaccardIndex(self.num_classes, average="none", ignore_index=self.ignore_index,
+                                       validate_args=False), labels=labels, prefix="IoU_")
+            setattr(self, f"{split}_per_class", per_class.to(self.device))
+
+    # ------------------------------------------------------------------ forward / loss
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _check_logits(self, logits: Tensor) -> None:
+        if logits.ndim != 4 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; SegmentationTask "
+                             f"expects (B, num_classes={self.num_classes}, h, w)")
+
+    def training_step(self, batch, batch_idx):
+        image, mask = batch["image"], batch["mask"]
+        main, aux = split_outputs(self.model(image))
+        self._check_logits(main)
+        loss_main = self.criterion(resize(main, mask.shape[-2:]), mask)
+        loss = loss_main
+        for i, a in enumerate(aux):
+            loss_aux = self.criterion(resize(a, mask.shape[-2:]), mask)
+            loss = loss + self.aux_weight * loss_aux
+            self.log(f"train/loss_aux{i}", loss_aux, batch_size=image.shape[0])
+        self.log("train/loss_main", loss_main, batch_size=image.shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _check_mask(self, mask: Tensor, names) -> None:
+        bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
+        if bad.any():
+            raise ValueError(f"labels outside [0, {self.num_classes}) or {self.ignore_index} in batch "
+                             f"{list(names) if names is not None else ''}: {mask[bad].unique().tolist()}")
+
+    def _evaluate(self, batch, metrics: MetricCollection, per_class, **inference) -> Tensor:
+        image, mask = batch["image"], batch["mask"]
+        self._check_mask(mask, batch.get("name"))
+        scores = segment(self.model, image, **inference)
+        self._check_logits(scores)
+        preds = resize(scores, mask.shape[-2:]).argmax(1)
+        metrics.update(preds, mask)
+        per_class.update(preds, mask)
+        return preds
+
+    def _inference_kwargs(self) -> dict:
+        h = self.hparams
+        return dict(mode=h.test_mode, crop_size=h.crop_size, stride=h.stride, scales=tuple(h.test_scales),
+                    flip=h.test_flip)
+
+    def validation_step(self, batch, batch_idx):
+        preds = self._evaluate(batch, self.val_metrics, self.val_per_class)
+        self.log_dict(self.val_metrics, batch_size=batch["image"].shape[0])
+        return preds
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_per_class("val")
+
+    def test_step(self, batch, batch_idx):
+        preds = self._evaluate(batch, self.test_metrics, self.test_per_class, **self._inference_kwargs())
+        self.log_dict(self.test_metrics, batch_size=batch["image"].shape[0])
+        return preds
+
+    def on_test_epoch_end(self) -> None:
+        self._log_per_class("test")
+
+    def _log_per_class(self, split: str) -> None:
+        metric = getattr(self, f"{split}_per_class")
+        values = metric.compute()
+        metric.reset()
+        self.log_dict({f"{split}/{k}": v for k, v in values.items()})
+        self.per_class_iou = {k[len("IoU_"):]: float(v) for k, v in values.items()}
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        scores = segment(self.model, batch["image"], **self._inference_kwargs())
+        return {"pred": scores.argmax(1), "name": batch.get("name")}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        h = self.hparams
+        return build_optimizer(self.model.parameters(), h.optimizer, lr=h.lr, momentum=h.momentum,
+                               weight_decay=h.weight_decay, total_steps=self.trainer.estimated_stepping_batches,
+                               warmup_iters=h.warmup_iters, warmup_ratio=h.warmup_ratio,
+                               poly_power=h.poly_power, min_lr=h.min_lr)
