@@ -70,3 +70,7 @@ def cli_main(args=None, run: bool = True) -> LitAttnCLI:
 
 def main() -> None:
     cli_main()
+
+
+if __name__ == "__main__":
+    main()
