@@ -18,29 +18,15 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from .data.meta import voc_colormap
 from .registry import _REGISTRY
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def default_palette(n: int) -> list[tuple[int, int, int]]:
-    """Pascal VOC's colour map (bit-interleaved), for data modules without a palette."""
-    out = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out.append((r, g, b))
-    return out
-
-
 def _palette(trainer, n: int) -> list[tuple[int, int, int]]:
     pal = getattr(getattr(trainer, "datamodule", None), "palette", None)
-    return [tuple(int(v) for v in c) for c in pal] if pal else default_palette(n)
+    return [tuple(int(v) for v in c) for c in pal] if pal else voc_colormap(n)
 
 
 class SegmentationMaskWriter(BasePredictionWriter):

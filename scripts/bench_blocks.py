@@ -209,6 +209,36 @@ def measure(module: nn.Module, shape, device, reps: int) -> dict:
     return row
 
 
+def interleaved(name: str, size: str, reps: int) -> dict:
+    """Forward+backward of the block and of its first reference, alternating `reps` times (CPU noise
+    hits both alike); medians, their ratio, and each one's peak memory."""
+    b, c, h, w = SIZES[size]
+    b = BATCH_OVERRIDE.get((name, size), b)
+    torch.manual_seed(0)
+    block = build(name, c, (b, c, h, w)).train()
+    label, ref = references(name, c, block)[0]
+    ref.train()
+    x = torch.randn(b, c, h, w, requires_grad=True)
+    device = torch.device("cpu")
+    times = {"block": [], "ref": []}
+    peaks = {}
+    for i in range(reps + 1):
+        for key, module in (("block", block), ("ref", ref)):
+            def step(module=module):
+                module(x).square().mean().backward()
+                module.zero_grad(set_to_none=True)
+                x.grad = None
+            if i == 0:  # warm-up, with the memory measurement
+                with PeakMemory(device) as mem:
+                    step()
+                peaks[key] = mem.peak / 2**20
+            else:
+                times[key].append(_timed(step, device, 1))
+    tb, tr = statistics.median(times["block"]), statistics.median(times["ref"])
+    return dict(name=name, size=size, batch=b, reference=label, block_ms=tb, ref_ms=tr, time_ratio=tb / tr,
+                block_peak_mb=peaks["block"], ref_peak_mb=peaks["ref"], memory_ratio=peaks["block"] / peaks["ref"])
+
+
 def build(name: str, channels: int, shape):
     if name == "aa_conv":  # relative tables sized for the benchmark grid
         return lit_attn.create_attn(name, channels, feat_size=shape[-2:])
@@ -303,7 +333,20 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default="docs/benchmarks.md", help="markdown output ('' to skip)")
     p.add_argument("--json", default="", help="also write the raw rows as JSON")
+    p.add_argument("--interleave", type=int, default=0,
+                   help="instead: N alternating forward+backward runs of each block and its naive reference (CPU)")
     args = p.parse_args()
+    if args.interleave:
+        rows = [interleaved(n, size, args.interleave) for size in args.sizes.split(",")
+                for n in lit_attn.list_attn() if any(fnmatch.fnmatch(n, pat) for pat in args.blocks.split(","))
+                and references(n, 8, lit_attn.create_attn(n, 8) if n != "aa_conv" else None)]
+        lines = ["| block | size | batch | reference | block fwd+bwd ms | reference ms | time ratio | block peak MB | "
+                 "reference peak MB | memory ratio |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| `{r['name']}` | {r['size']} | {r['batch']} | {r['reference']} | {r['block_ms']:.0f} | "
+                  f"{r['ref_ms']:.0f} | {r['time_ratio']:.2f} | {r['block_peak_mb']:.0f} | {r['ref_peak_mb']:.0f} | "
+                  f"{r['memory_ratio']:.2f} |" for r in rows]
+        print(f"{machine(torch.device('cpu'))}, {args.interleave} alternating runs each\n" + "\n".join(lines))
+        return
     def save(devices, results):
         if args.out:
             write_markdown(args.out, devices, results, args)

@@ -82,31 +82,37 @@ class _ChunkedAttention(torch.autograd.Function):
         q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
         acc = _acc_dtype(q)
-        dq = torch.empty_like(q)
-        dk = torch.zeros_like(k, dtype=acc)
-        dv = torch.zeros_like(v, dtype=acc)
+        lead, nq, nk = q.shape[:-2], q.shape[-2], k.shape[-2]
+        # 3-D (batch * heads, tokens, dims) views; dK and dV accumulate in place with baddbmm
+        q3, k3, v3 = q.reshape(-1, nq, q.shape[-1]), k.reshape(-1, nk, k.shape[-1]), v.reshape(-1, nk, v.shape[-1])
+        do3 = dout.reshape(-1, nq, dout.shape[-1]).contiguous()  # arrives transposed from tokens_to_map
+        lse3 = lse.reshape(-1, nq)
+        dq = torch.empty_like(q3)
+        dk = torch.zeros_like(k3, dtype=acc)
+        dv = torch.zeros_like(v3, dtype=acc)
         has_rel = rel_h is not None
         d_rel_h = torch.empty_like(rel_h) if has_rel else None
         d_rel_w = torch.empty_like(rel_w) if has_rel else None
-        kt, vt = k.transpose(-1, -2).to(acc), v.transpose(-1, -2)
-        delta = (dout.to(acc) * out.to(acc)).sum(-1)
-        for s in range(0, q.shape[-2], chunk):
-            e = min(s + chunk, q.shape[-2])
-            q_i, do_i = q[..., s:e, :], dout[..., s:e, :]
-            logits = torch.matmul(q_i.to(acc), kt).mul_(scale)
+        kt, vt = k3.transpose(1, 2).to(acc), v3.transpose(1, 2)
+        delta = (do3.to(acc) * out.reshape(do3.shape).to(acc)).sum(-1)
+        for s in range(0, nq, chunk):
+            e = min(s + chunk, nq)
+            q_i, do_i = q3[:, s:e].to(acc), do3[:, s:e]
+            logits = torch.bmm(q_i, kt).mul_(scale)
             if has_rel:
-                logits += _bias(rel_h, rel_w, s, e)
-            p = logits.sub_(lse[..., s:e, None]).exp_()
-            dv += torch.matmul(p.transpose(-1, -2), do_i.to(acc))
-            ds = torch.matmul(do_i, vt).to(acc).sub_(delta[..., s:e, None]).mul_(p)  # d logits
+                logits += _bias(rel_h, rel_w, s, e).reshape(logits.shape)
+            p = logits.sub_(lse3[:, s:e, None]).exp_()
+            dv.baddbmm_(p.transpose(1, 2), do_i.to(acc))
+            ds = torch.bmm(do_i, vt).to(acc).sub_(delta[:, s:e, None]).mul_(p)  # d logits
             if has_rel:
-                grid = ds.unflatten(-1, (rel_h.shape[-1], rel_w.shape[-1]))
+                grid = ds.reshape(*lead, e - s, rel_h.shape[-1], rel_w.shape[-1])
                 d_rel_h[..., s:e, :] = grid.sum(-1)
                 d_rel_w[..., s:e, :] = grid.sum(-2)
             ds.mul_(scale)
-            dq[..., s:e, :] = torch.matmul(ds.to(k.dtype), k)
-            dk += torch.matmul(ds.transpose(-1, -2), q_i.to(acc))
-        return dq, dk.to(k.dtype), dv.to(v.dtype), d_rel_h, d_rel_w, None, None
+            dq[:, s:e] = torch.bmm(ds.to(k.dtype), k3)
+            dk.baddbmm_(ds.transpose(1, 2), q_i)
+        return (dq.reshape(q.shape), dk.to(k.dtype).reshape(k.shape), dv.to(v.dtype).reshape(v.shape),
+                d_rel_h, d_rel_w, None, None)
 
 
 def _common_dtype(*ts: Tensor) -> torch.dtype:
