@@ -121,3 +121,25 @@ def test_builds_in_timm_resnet18_slot(name):
     out.square().mean().backward()
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+CONVS = lit_attn.list_attn(kind="conv", source="lit_attn")
+
+
+@pytest.mark.parametrize("name", CONVS)
+def test_conv_blocks_contract(name):
+    """Conv-replacement blocks: (in, out) channels, gradients everywhere, compile, clear errors."""
+    block = randomise(lit_attn.create_attn(name, C, out_channels=48, feat_size=8)).train()
+    x = torch.randn(2, C, 7, 9, requires_grad=True)
+    out = block(x)
+    assert out.shape == (2, 48, 7, 9)
+    (out * torch.randn_like(out)).sum().backward()
+    for pname, p in block.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient reaches {pname}"
+    torch._dynamo.reset()
+    block.eval()
+    torch.testing.assert_close(torch.compile(block)(x.detach()), block(x.detach()), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match=f"{type(block).__name__}.*C=16"):
+        block(torch.randn(1, 16, 8, 8))
+    with pytest.raises(ValueError, match="4-D"):
+        block(torch.randn(C, 8, 8))
