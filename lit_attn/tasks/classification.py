@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from .optim import build_optimizer
+from .optim import configure_poly_optimizer
 
 __all__ = ["ClassificationTask"]
 
@@ -91,8 +91,4 @@ class ClassificationTask(LightningModule):
         return self.model(batch["image"]).softmax(-1)
 
     def configure_optimizers(self):
-        h = self.hparams
-        return build_optimizer(self.model.parameters(), h.optimizer, lr=h.lr, momentum=h.momentum,
-                               weight_decay=h.weight_decay, total_steps=self.trainer.estimated_stepping_batches,
-                               warmup_iters=h.warmup_iters, warmup_ratio=h.warmup_ratio,
-                               poly_power=h.poly_power, min_lr=h.min_lr)
+        return configure_poly_optimizer(self)

@@ -15,10 +15,14 @@ from torch import Tensor
 MODES = ("whole", "slide")
 
 
-def _main_logits(out) -> Tensor:
+def split_outputs(out) -> tuple[Tensor, list[Tensor]]:
+    """(main logits, auxiliary logits) from a Tensor, a (main, *aux) tuple or a {"out", "aux"} dict."""
     if isinstance(out, dict):
-        out = out["out"]
-    return out[0] if isinstance(out, (tuple, list)) else out
+        aux = out.get("aux", [])
+        return out["out"], list(aux) if isinstance(aux, (list, tuple)) else [aux]
+    if isinstance(out, (tuple, list)):
+        return out[0], list(out[1:])
+    return out, []
 
 
 def resize(logits: Tensor, size) -> Tensor:
@@ -28,7 +32,7 @@ def resize(logits: Tensor, size) -> Tensor:
 
 
 def whole_inference(model: Callable, x: Tensor) -> Tensor:
-    return resize(_main_logits(model(x)), x.shape[-2:])
+    return resize(split_outputs(model(x))[0], x.shape[-2:])
 
 
 def slide_inference(model: Callable, x: Tensor, crop_size: Sequence[int], stride: Sequence[int]) -> Tensor:

@@ -37,3 +37,13 @@ def build_optimizer(params, name: str = "sgd", *, lr: float, momentum: float = 0
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": label}}
+
+
+def configure_poly_optimizer(module):
+    """`configure_optimizers` of a task whose hparams hold optimizer, lr, momentum, weight_decay,
+    warmup_iters, warmup_ratio, poly_power and min_lr (SegmentationTask, ClassificationTask)."""
+    h = module.hparams
+    return build_optimizer(module.model.parameters(), h.optimizer, lr=h.lr, momentum=h.momentum,
+                           weight_decay=h.weight_decay, total_steps=module.trainer.estimated_stepping_batches,
+                           warmup_iters=h.warmup_iters, warmup_ratio=h.warmup_ratio, poly_power=h.poly_power,
+                           min_lr=h.min_lr)

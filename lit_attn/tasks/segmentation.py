@@ -17,21 +17,11 @@ from torch import Tensor, nn
 from torchmetrics import ClasswiseWrapper, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from .inference import resize, segment
+from .inference import resize, segment, split_outputs
 from .losses import SegmentationLoss
-from .optim import build_optimizer
+from .optim import configure_poly_optimizer
 
 __all__ = ["SegmentationTask"]
-
-
-def split_outputs(out) -> tuple[Tensor, list[Tensor]]:
-    """(main logits, auxiliary logits) from a Tensor, a (main, *aux) tuple or a {"out", "aux"} dict."""
-    if isinstance(out, dict):
-        aux = out.get("aux", [])
-        return out["out"], list(aux) if isinstance(aux, (list, tuple)) else [aux]
-    if isinstance(out, (tuple, list)):
-        return out[0], list(out[1:])
-    return out, []
 
 
 class SegmentationTask(LightningModule):
@@ -169,8 +159,4 @@ class SegmentationTask(LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        h = self.hparams
-        return build_optimizer(self.model.parameters(), h.optimizer, lr=h.lr, momentum=h.momentum,
-                               weight_decay=h.weight_decay, total_steps=self.trainer.estimated_stepping_batches,
-                               warmup_iters=h.warmup_iters, warmup_ratio=h.warmup_ratio,
-                               poly_power=h.poly_power, min_lr=h.min_lr)
+        return configure_poly_optimizer(self)
