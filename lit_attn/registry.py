@@ -18,7 +18,8 @@ GATE = "gate"            # plug-in: rescales features (SE, CBAM, PSA, ...), chea
 GLOBAL = "global"        # plug-in: global context / self-attention over positions (non-local, DANet, ...)
 CONV = "conv"            # replaces a convolution: (in_channels, out_channels, kernel_size, ...)
 HEAD = "head"            # only used inside a segmentation head (needs extra inputs)
-KINDS = (GATE, GLOBAL, CONV, HEAD)
+UPSAMPLE = "upsample"    # content-aware upsampler: (B, C, H, W) -> (B, C, sH, sW) (CARAFE)
+KINDS = (GATE, GLOBAL, CONV, HEAD, UPSAMPLE)
 PLUGIN_KINDS = (GATE, GLOBAL)
 
 

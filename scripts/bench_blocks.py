@@ -38,7 +38,18 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import lit_attn  # noqa: E402
 
-SIZES = {"backbone": (8, 256, 56, 56), "head": (2, 512, 64, 128)}
+SIZES = {"backbone": (8, 256, 56, 56), "head": (2, 512, 64, 128), "head97": (2, 512, 97, 97)}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_refs import load as load_bench_refs  # noqa: E402
+
+BENCH_REFS, BENCH_INPUTS = load_bench_refs()
+
+
+def make_inputs(name: str, shape) -> tuple:
+    """The block's forward arguments at `shape` (two maps for AFNB, features + logits for OCR, ...)."""
+    if name in BENCH_INPUTS:
+        return tuple(BENCH_INPUTS[name](*shape))
+    return (torch.randn(shape),)
 
 
 # ----------------------------------------------------------------------------- naive references
@@ -128,7 +139,7 @@ def references(name: str, channels: int, block: nn.Module):
         return [("naive N x N (PAM)", NaivePAM(channels))]
     if name == "aa_conv":
         return [("naive N x N (paper TF code)", NaiveAAConv(block))]
-    return []
+    return [(label, factory(block)) for label, factory in BENCH_REFS.get(name, [])]
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -183,24 +194,25 @@ def _timed(fn, device, reps):
     return statistics.median(times) * 1e3
 
 
-def measure(module: nn.Module, shape, device, reps: int) -> dict:
+def measure(module: nn.Module, shape, device, reps: int, name: str = "") -> dict:
     module = module.to(device)
-    x = torch.randn(shape, device=device)
+    xs = tuple(t.to(device) for t in make_inputs(name, shape))
     row = {"params": sum(p.numel() for p in module.parameters())}
     module.eval()
     with torch.no_grad():
         with FlopCounterMode(display=False) as fc:
-            module(x)
+            module(*xs)
         row["gflops"] = fc.get_total_flops() / 1e9
-        module(x)
-        row["fwd_ms"] = _timed(lambda: module(x), device, reps)
+        module(*xs)
+        row["fwd_ms"] = _timed(lambda: module(*xs), device, reps)
     module.train()
-    xg = x.clone().requires_grad_(True)
+    xg = tuple(t.clone().requires_grad_(True) for t in xs)
 
     def step():
-        module(xg).float().square().mean().backward()
+        module(*xg).float().square().mean().backward()
         module.zero_grad(set_to_none=True)
-        xg.grad = None
+        for t in xg:
+            t.grad = None
 
     with PeakMemory(device) as mem:
         step()
@@ -218,16 +230,17 @@ def interleaved(name: str, size: str, reps: int) -> dict:
     block = build(name, c, (b, c, h, w)).train()
     label, ref = references(name, c, block)[0]
     ref.train()
-    x = torch.randn(b, c, h, w, requires_grad=True)
+    xs = tuple(t.requires_grad_(True) for t in make_inputs(name, (b, c, h, w)))
     device = torch.device("cpu")
     times = {"block": [], "ref": []}
     peaks = {}
     for i in range(reps + 1):
         for key, module in (("block", block), ("ref", ref)):
             def step(module=module):
-                module(x).square().mean().backward()
+                module(*xs).square().mean().backward()
                 module.zero_grad(set_to_none=True)
-                x.grad = None
+                for t in xs:
+                    t.grad = None
             if i == 0:  # warm-up, with the memory measurement
                 with PeakMemory(device) as mem:
                     step()
@@ -237,6 +250,70 @@ def interleaved(name: str, size: str, reps: int) -> dict:
     tb, tr = statistics.median(times["block"]), statistics.median(times["ref"])
     return dict(name=name, size=size, batch=b, reference=label, block_ms=tb, ref_ms=tr, time_ratio=tb / tr,
                 block_peak_mb=peaks["block"], ref_peak_mb=peaks["ref"], memory_ratio=peaks["block"] / peaks["ref"])
+
+
+def selected(patterns: str) -> list[str]:
+    return [n for n in lit_attn.list_attn() if any(fnmatch.fnmatch(n, p) for p in patterns.split(","))]
+
+
+def has_reference(name: str) -> bool:
+    return name in BENCH_REFS or name == "aa_conv" or name in ("danet_pam", "danet") or name.startswith("nonlocal")
+
+
+def compare(args) -> list[str]:
+    """Markdown table: each selected block next to the naive dense non-local block (explicit N x N
+    softmax, `NaiveNonLocal`, C -> C/2 embeddings) and next to the reference implementation its maths
+    follows (scripts/bench_refs), at each size; forward+backward time and peak memory with ratios."""
+    device = torch.device("cpu")
+    out = []
+    for size in args.sizes.split(","):
+        b, c, h, w = SIZES[size]
+        torch.manual_seed(0)
+        nl = measure(NaiveNonLocal(c), (b, c, h, w), device, args.reps)
+        print(f"{size}: naive NL {nl}", flush=True)
+        out += [f"### B={b}, C={c}, {h}x{w} (N={h * w})", "",
+                f"Naive dense non-local (explicit N x N softmax): {nl['params'] / 1e6:.3f} M params, "
+                f"{nl['gflops']:.1f} GFLOPs, fwd+bwd {nl['fwdbwd_ms']:.0f} ms, peak {nl['peak_mb']:.0f} MB.", "",
+                "| block | kind | params (M) | GFLOPs | fwd+bwd ms | peak MB | time / NL | peak / NL | "
+                "reference implementation | ref fwd+bwd ms | ref peak MB | time / ref | peak / ref |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        for name in selected(args.blocks):
+            entry = lit_attn.get_attn_entry(name)
+            torch.manual_seed(0)
+            block = build(name, c, (b, c, h, w))
+            r = measure(block, (b, c, h, w), device, args.reps, name)
+            refs = references(name, c, block) or [("—", None)]
+            for i, (label, ref) in enumerate(refs):
+                head = (f"| `{name}` | {entry.kind} | {r['params'] / 1e6:.3f} | {r['gflops']:.2f} | "
+                        f"{r['fwdbwd_ms']:.0f} | {r['peak_mb']:.0f} | {r['fwdbwd_ms'] / nl['fwdbwd_ms']:.2f} | "
+                        f"{r['peak_mb'] / nl['peak_mb']:.2f} |") if i == 0 else "| ↳ | | | | | | | |"
+                if ref is None:
+                    out.append(head + " — | | | | |")
+                    continue
+                try:
+                    q = measure(ref, (b, c, h, w), device, args.reps, name)
+                    out.append(head + f" {label} | {q['fwdbwd_ms']:.0f} | {q['peak_mb']:.0f} | "
+                               f"{r['fwdbwd_ms'] / q['fwdbwd_ms']:.2f} | {r['peak_mb'] / max(q['peak_mb'], 1):.2f} |")
+                except Exception as e:  # noqa: BLE001  (a dense reference may not fit)
+                    out.append(head + f" {label} | n/a: {type(e).__name__} | | | |")
+                print(out[-1], flush=True)
+            del block, refs
+            gc.collect()
+        out.append("")
+    return out
+
+
+def write_section(path: str, tag: str, lines: list[str], header: str) -> None:
+    """Replace the `<!-- tag -->` ... `<!-- /tag -->` section of a markdown file (append it if absent)."""
+    text = open(path).read() if os.path.exists(path) else ""
+    start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+    body = "\n".join([start, header, "", *lines, end])
+    if start in text and end in text:
+        text = text[:text.index(start)] + body + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def build(name: str, channels: int, shape):
@@ -272,7 +349,7 @@ def run(args, on_row=None):
     devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
-    names = [n for n in lit_attn.list_attn() if any(fnmatch.fnmatch(n, p) for p in args.blocks.split(","))]
+    names = selected(args.blocks)
     results = []
     for device in devices:
         for size in args.sizes.split(","):
@@ -293,7 +370,7 @@ def run(args, on_row=None):
                 for label, module in pairs:
                     row = dict(device=str(device), size=size, label=label, name=name, kind=entry.kind)
                     try:
-                        row.update(measure(module, (b, c, h, w), device, args.reps))
+                        row.update(measure(module, (b, c, h, w), device, args.reps, name))
                     except Exception as e:  # noqa: BLE001  (e.g. timm's BAT asserts H, W divisible by 7)
                         msg = str(e).splitlines()[0][:80] if str(e) else "assertion on the input size"
                         row["error"] = f"{type(e).__name__}: {msg}"
@@ -335,11 +412,23 @@ def main():
     p.add_argument("--json", default="", help="also write the raw rows as JSON")
     p.add_argument("--interleave", type=int, default=0,
                    help="instead: N alternating forward+backward runs of each block and its naive reference (CPU)")
+    p.add_argument("--compare", default="", metavar="TAG",
+                   help="instead: a table of the selected blocks next to the naive dense non-local and their "
+                        "reference implementations (CPU), written into the TAG section of --out")
     args = p.parse_args()
+    if args.compare:
+        lines = compare(args)
+        header = (f"Produced by `python scripts/bench_blocks.py {' '.join(sys.argv[1:])}` on "
+                  f"{machine(torch.device('cpu'))}; forward+backward in train mode, median of {args.reps} runs "
+                  "after a warm-up; peak = extra resident memory of one forward+backward. Measured one after the "
+                  "other on a shared machine: ratios within about 10% are noise (see the interleaved tables).")
+        print("\n".join(lines))
+        if args.out:
+            write_section(args.out, args.compare, lines, header)
+        return
     if args.interleave:
         rows = [interleaved(n, size, args.interleave) for size in args.sizes.split(",")
-                for n in lit_attn.list_attn() if any(fnmatch.fnmatch(n, pat) for pat in args.blocks.split(","))
-                and references(n, 8, lit_attn.create_attn(n, 8) if n != "aa_conv" else None)]
+                for n in selected(args.blocks) if has_reference(n)]
         lines = ["| block | size | batch | reference | block fwd+bwd ms | reference ms | time ratio | block peak MB | "
                  "reference peak MB | memory ratio |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| `{r['name']}` | {r['size']} | {r['batch']} | {r['reference']} | {r['block_ms']:.0f} | "

@@ -1,4 +1,6 @@
 """The block contract (DESIGN.md), checked for every registered lit_attn plug-in block."""
+import inspect
+
 import pytest
 import timm
 import torch
@@ -27,7 +29,10 @@ def build(name, **kwargs):
 def test_every_issue_name_is_registered():
     expected = {"psa_channel", "psa_spatial", "psa_p", "psa_s", "nonlocal", "nonlocal_gaussian", "nonlocal_dot",
                 "nonlocal_concat", "danet_pam", "danet_cam", "danet", "residual_attention", "aa_conv",
-                "se", "ese", "eca", "ceca", "ge", "gc", "gca", "cbam", "lcbam", "coord", "nl", "bat"}
+                "se", "ese", "eca", "ceca", "ge", "gc", "gca", "cbam", "lcbam", "coord", "nl", "bat",
+                # the efficient global-context family (issue 4)
+                "criss_cross", "isa", "ema", "a2", "glore", "cgnl", "latentgnn", "dnl", "apnb", "afnb", "base_oc",
+                "ocr", "acm", "psanet", "dgmn", "local_relation", "carafe"}
     assert expected <= set(lit_attn.list_attn())
     for name in lit_attn.list_attn():
         e = lit_attn.get_attn_entry(name)
@@ -129,7 +134,8 @@ CONVS = lit_attn.list_attn(kind="conv", source="lit_attn")
 @pytest.mark.parametrize("name", CONVS)
 def test_conv_blocks_contract(name):
     """Conv-replacement blocks: (in, out) channels, gradients everywhere, compile, clear errors."""
-    block = randomise(lit_attn.create_attn(name, C, out_channels=48, feat_size=8)).train()
+    sized = "feat_size" in inspect.signature(lit_attn.get_attn_entry(name).cls).parameters  # aa_conv's tables
+    block = randomise(lit_attn.create_attn(name, C, out_channels=48, **({"feat_size": 8} if sized else {}))).train()
     x = torch.randn(2, C, 7, 9, requires_grad=True)
     out = block(x)
     assert out.shape == (2, 48, 7, 9)
@@ -143,3 +149,15 @@ def test_conv_blocks_contract(name):
         block(torch.randn(1, 16, 8, 8))
     with pytest.raises(ValueError, match="4-D"):
         block(torch.randn(C, 8, 8))
+
+
+@pytest.mark.parametrize("name", PLUGINS)
+def test_sync_batchnorm_conversion_keeps_the_block(name):
+    """torch's convert_sync_batchnorm (Lightning's sync_batchnorm=True) must not change the maths: a
+    fused norm+act module (timm's BatchNormAct2d) would lose its activation in the conversion."""
+    block = randomise(build(name), std=0.1).eval()
+    x = torch.randn(2, C, 7, 9)
+    with torch.no_grad():
+        expected = block(x)
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(block).eval()
+        torch.testing.assert_close(converted(x), expected)

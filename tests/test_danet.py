@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import MaxNumel
 
 import lit_attn
 from lit_attn.layers.danet import ChannelAttention, DualAttention, PositionAttention
@@ -142,21 +142,6 @@ def test_cam_large_inputs_under_autocast(amp_dtype, mode, offset):
         assert not torch.isfinite(naive).all() or (naive.float() - ref).abs().max() > 0.1 * scale
 
 
-class _MaxNumel(TorchDispatchMode):
-    """Records the largest tensor produced by any aten op (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("name", ["danet_pam", "danet"])
 def test_pam_never_builds_n_by_n(name, monkeypatch):
     import lit_attn.ops.attention as ops_attention
@@ -165,11 +150,11 @@ def test_pam_never_builds_n_by_n(name, monkeypatch):
     m = randomise(lit_attn.create_attn(name, 16))
     x = torch.randn(1, 16, 40, 40, requires_grad=True)
     n = 40 * 40
-    with _MaxNumel() as rec:
+    with MaxNumel() as rec:
         m(x).sum().backward()
     assert rec.max_numel < n * n // 4, (rec.max_numel, n * n)
     assert x.grad is not None and torch.isfinite(x.grad).all()
-    with _MaxNumel() as naive:  # the recorder does see an explicit N x N energy
+    with MaxNumel() as naive:  # the recorder does see an explicit N x N energy
         naive_pam(m.pam if name == "danet" else m, x.detach())
     assert naive.max_numel >= n * n
 

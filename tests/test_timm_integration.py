@@ -77,6 +77,15 @@ def test_variants_cover_every_plugin_and_base():
     assert set(VARIANTS) == {f"{b}_{p}" for b in ("resnet18", "resnet50", "resnet101") for p in plugins}
 
 
+# the papers' own placements in ResNet-50 (0-based block indices followed by the block, per stage)
+PAPER_POSITIONS_R50 = {
+    "glore": {1: [0, 2], 2: [0, 2, 4]},        # GloRe official resnet50_3d_gcn_x5 ("+2 res3 / +3 res4")
+    "cgnl": {2: [4]}, "cgnl_gaussian": {2: [4]},  # CGNL: before the last block of res4
+    "latentgnn": {2: [5]},                     # LatentGNN detection code: after res4 ("C4")
+    "dgmn": {3: [2]},                          # DGMN: after the last res5 block (DynamicWeightsCat11)
+}
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_placement(variant):
     model = timm.create_model(variant, device="meta")
@@ -87,6 +96,12 @@ def test_variant_placement(variant):
     layers = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}[base]
     if kind == "gate":
         assert n_blocks == sum(layers)
+    elif name in PAPER_POSITIONS_R50:
+        positions = {s: [i for i, b in enumerate(getattr(model, f"layer{s + 1}"))
+                         if isinstance(b, (ContextBasicBlock, ContextBottleneck))] for s in range(4)}
+        assert n_blocks == sum(len(v) for v in positions.values())
+        if base == "resnet50":
+            assert {s: v for s, v in positions.items() if v} == PAPER_POSITIONS_R50[name]
     else:  # after every other block of res3 and res4 (Non-local paper: 5 blocks in ResNet-50)
         assert n_blocks == layers[1] // 2 + layers[2] // 2
         assert n_blocks == sum(isinstance(m, (ContextBasicBlock, ContextBottleneck)) for m in model.modules())

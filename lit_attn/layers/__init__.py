@@ -1,2 +1,24 @@
 """lit_attn's attention blocks; importing this package registers them."""
-from . import aa_conv, danet, non_local, psa, residual_attention, timm_blocks  # noqa: F401
+from . import (  # noqa: F401
+    aa_conv,
+    acm,
+    ann,
+    carafe,
+    cgnl,
+    criss_cross,
+    danet,
+    dgmn,
+    dnl,
+    double_attn,
+    ema,
+    glore,
+    isa,
+    latentgnn,
+    local_relation,
+    non_local,
+    object_context,
+    psa,
+    psanet,
+    residual_attention,
+    timm_blocks,
+)
