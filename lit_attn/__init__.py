@@ -12,6 +12,9 @@ from .registry import AttnEntry, create_attn, get_attn_entry, is_attn, list_attn
 _timm_integration.install()
 
 from . import models  # noqa: E402,F401  (registers timm model variants)
+from .integrations import smp as _smp_integration  # noqa: E402
+
+_smp_integration.install()
 
 __version__ = "0.1.0"
 __all__ = ["AttnEntry", "create_attn", "get_attn_entry", "is_attn", "list_attn", "register_attn"]

@@ -153,3 +153,24 @@ def test_ddp_two_processes_match_single_process_evaluation(tmp_path, digits_root
     assert float(single.trainer.callback_metrics["test/mIoU"]) == pytest.approx(ddp_miou, abs=1e-6)
     # 7 test images over 2 ranks: a padding sampler would count one image twice and change the value
     assert len(single.datamodule.test_dataloader().dataset) == 7
+
+
+def test_quickstart_head_selectable_from_the_command_line(tmp_path, digits_root, capsys):
+    """The README's head switch: a new model class_path keeps the quickstart's compatible arguments."""
+    cfg = tmp_path / "quickstart.yaml"
+    text = (ROOT / "recipes" / "quickstart.yaml").read_text()
+    cfg.write_text(text.replace("batch_size: 16", f"batch_size: 16\n    root: {digits_root}"))
+    head = ["--model.init_args.model.class_path", "lit_attn.integrations.smp.OCRNet",
+            "--model.init_args.model.init_args.decoder_channels", "16"]
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(cfg), *head, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["model"]
+    assert printed["class_path"] == "lit_attn.integrations.smp.OCRNet"
+    assert printed["init_args"]["encoder_name"] == "tu-resnet18" and printed["init_args"]["classes"] == 11
+    assert printed["init_args"]["decoder_channels"] == 16
+    cli_main(["fit", "--config", str(cfg), *head, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+              "--trainer.logger", "false", "--trainer.callbacks", "[]",
+              "--data.init_args.num_train", "32", "--data.init_args.num_val", "4", "--data.init_args.num_test", "4"])
+    ckpt = torch.load(sorted(glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True))[-1], weights_only=False)
+    assert any(k.startswith("model.auxiliary_head.") for k in ckpt["state_dict"])  # OCR's first stage
+    assert ckpt["hyper_parameters"]["model"]["class_path"] == "lit_attn.integrations.smp.OCRNet"

@@ -1,13 +1,25 @@
 """Segmentation decode heads (mmsegmentation-style) and a timm/smp encoder + head segmentor.
 
-    from lit_attn.heads import AttnHead, AttnSegmentor, FCNHead
+    from lit_attn.heads import AttnHead, AttnSegmentor, DAHead, FCNHead
     head = AttnHead(2048, 512, 19, attention="nonlocal")          # mmseg NLHead pattern, any block
+    head = DAHead(2048, 512, 19)                                   # mmseg's DANet head, R-50-D8 defaults
     model = AttnSegmentor("resnet50", num_classes=19, attention="psa_p", output_stride=8)
-    model = AttnSegmentor("smp:resnet34", num_classes=19, attention="danet")
+
+The named heads (DAHead, CCHead, ISAHead, EMAHead, NLHead, DNLHead, GCHead, OCRHead, PSAHead, APCHead,
+ANNHead, GloReHead, A2Head) follow mmseg's R-50-D8 configurations; as smp architectures they are
+`smp.create_model("danet", ...)` etc. (lit_attn.integrations.smp).
 """
-from .context import AttnHead, build_attention
+from .ann import ANNHead
+from .apc import APCHead
+from .context import A2Head, AttnHead, CCHead, DNLHead, GCHead, GloReHead, NLHead, build_attention
+from .danet import DAHead
+from .ema import EMAHead
 from .fcn import ConvModule, FCNHead, init_head_weights
+from .isa import ISAHead
+from .ocr import OCRHead
+from .psa import PSAHead
 from .segmentor import AttnSegmentor, build_encoder, find_attention_blocks
 
-__all__ = ["AttnHead", "AttnSegmentor", "ConvModule", "FCNHead", "build_attention", "build_encoder",
-           "find_attention_blocks", "init_head_weights"]
+__all__ = ["A2Head", "ANNHead", "APCHead", "AttnHead", "AttnSegmentor", "CCHead", "ConvModule", "DAHead", "DNLHead",
+           "EMAHead", "FCNHead", "GCHead", "GloReHead", "ISAHead", "NLHead", "OCRHead", "PSAHead", "build_attention",
+           "build_encoder", "find_attention_blocks", "init_head_weights"]

@@ -32,7 +32,10 @@ class SegmentationTask(LightningModule):
             training mode to (main, *aux) logits (see docs/TRAINING_CONTRACTS.md).
         num_classes: number of classes (the data module's, linked by the CLI).
         loss: "ce", "ohem", "dice", "lovasz", or a "+"-joined sum (e.g. "ce+dice").
-        aux_weight: weight of each auxiliary output's loss (mmseg: 0.4).
+        aux_weight: weight of each auxiliary output's loss: a float for all of them, a list (one per
+            auxiliary output), or None (default): the model's `aux_loss_weights` when it has them
+            (lit_attn's smp architectures: DANet's pam/cam outputs 1.0, the FCN auxiliary head 0.4),
+            else mmseg's 0.4.
         optimizer: "sgd" or "adamw"; lr, momentum, weight_decay as mmseg's defaults.
         warmup_iters, warmup_ratio, poly_power, min_lr: the per-iteration schedule.
         test_mode: "whole" or "slide" (with crop_size, stride) for test and predict.
@@ -41,7 +44,7 @@ class SegmentationTask(LightningModule):
     """
 
     def __init__(self, model: nn.Module, num_classes: int, *, ignore_index: int = 255, loss: str = "ce",
-                 aux_weight: float = 0.4, ohem_thresh: float = 0.7, ohem_min_kept: int = 100_000,
+                 aux_weight: float | list[float] | None = None, ohem_thresh: float = 0.7, ohem_min_kept: int = 100_000,
                  class_weight: list[float] | None = None, optimizer: str = "sgd", lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 5e-4, warmup_iters: int = 0,
                  warmup_ratio: float = 1e-6, poly_power: float = 0.9, min_lr: float = 1e-4,
@@ -94,15 +97,30 @@ class SegmentationTask(LightningModule):
             raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; SegmentationTask "
                              f"expects (B, num_classes={self.num_classes}, h, w)")
 
+    def _aux_weights(self, n: int) -> list[float]:
+        weights = self.aux_weight
+        if weights is None:
+            weights = getattr(self.model, "aux_loss_weights", None)
+            if weights is None:
+                return [0.4] * n
+        if isinstance(weights, (int, float)):
+            return [float(weights)] * n
+        weights = [float(w) for w in weights]
+        if len(weights) != n:
+            raise ValueError(f"SegmentationTask: {len(weights)} auxiliary loss weights {weights} for the model's "
+                             f"{n} auxiliary outputs")
+        return weights
+
     def training_step(self, batch, batch_idx):
         image, mask = batch["image"], batch["mask"]
         main, aux = split_outputs(self.model(image))
         self._check_logits(main)
         loss_main = self.criterion(resize(main, mask.shape[-2:]), mask)
         loss = loss_main
-        for i, a in enumerate(aux):
+        weights = self._aux_weights(len(aux))
+        for i, (a, w) in enumerate(zip(aux, weights, strict=True)):
             loss_aux = self.criterion(resize(a, mask.shape[-2:]), mask)
-            loss = loss + self.aux_weight * loss_aux
+            loss = loss + w * loss_aux
             self.log(f"train/loss_aux{i}", loss_aux, batch_size=image.shape[0])
         self.log("train/loss_main", loss_main, batch_size=image.shape[0])
         self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])

@@ -1,0 +1,150 @@
+"""PSANet's decode head (mmsegmentation's PSAHead) on lit_attn's pure-PyTorch PSAMask.
+
+Zhao, Zhang, Liu, Shi, Loy, Lin, Jia, "PSANet: Point-wise Spatial Attention Network for Scene Parsing",
+ECCV 2018 (no arXiv version). The reference is mmsegmentation's `mmseg/models/decode_heads/psa_head.py`
+(@3f8d34e; config `configs/_base_/models/psanet_r50-d8.py`) with mmcv's compiled `PSAMask`, replaced here
+by `lit_attn.layers.psanet.psa_mask` (same values, no compiled op).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers.psanet import PSA_TYPES, psa_mask, shrunk_size
+from .fcn import ConvModule, LayerSpec, init_head_weights
+
+__all__ = ["PSAHead"]
+
+
+def _pair(name: str, v) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v)
+    if len(t) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in t):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {v!r}")
+    return t
+
+
+class PSAHead(nn.Module):
+    """PSANet head ("PSANet: Point-wise Spatial Attention Network for Scene Parsing", Zhao et al., ECCV 2018),
+    as mmseg's `PSAHead` (`mmseg/models/decode_heads/psa_head.py`@3f8d34e, config `psanet_r50-d8.py`:
+    channels 512, mask_size (97, 97), psa_type 'bi-direction', compact False, shrink_factor 2,
+    normalization_factor 1.0, psa_softmax True, Dropout2d 0.1). Layers (ConvModule = conv no bias, norm,
+    act), named as mmseg so its state dict loads by key: `reduce` / `reduce_p` 1x1 in -> channels;
+    `attention` / `attention_p` = 1x1 ConvModule channels -> channels + 1x1 conv (no bias) to
+    mask_h * mask_w; `proj` 1x1 ConvModule (2 *) channels -> in with mmseg's padding=1; `bottleneck` 3x3
+    ConvModule 2 * in -> channels on concat([x, proj]); Dropout2d; `conv_seg`. Forward as mmseg: reduce,
+    bilinear shrink (both sides odd: ((H-1)//s + 1, align_corners=True), else (H//s, False)), mask logits,
+    PSAMask ("collect" for `attention`, "distribute" for `attention_p`; lit_attn's `psa_mask`, the same
+    values as mmcv's op), softmax over dim 1, bmm, / normalization_factor, concat, proj, resize to H x W
+    (same align_corners), bottleneck, cls_seg. mmcv's semantics kept: offsets beyond the mask's half-size
+    (shrunk maps wider than (mask - 1)//2 + 1) hold logit 0, so the softmax gives them exp(0) / Z;
+    proj's padding adds a constant ring that the resize stretches into the map. Differences: H//s is
+    clamped to 1 (mmseg resizes 1 x 2k maps to 0 rows and fails); compact=True is refused (it ties
+    mask_h * mask_w to one map size). Cost, N = H*W, N' = N / s^2, per branch: the (B, N', N') attention,
+    O(N'^2 C') time and memory O(N'^2), the mask conv O(N' C' mask_h mask_w) (9409 channels at 97 x 97),
+    then the 3x3 bottleneck O(18 N C C'); 33,246,739 parameters at C = 2048, C' = 512, 19 classes (as
+    mmseg). The `psanet` plug-in block holds the same maths but maps C -> C (its bottleneck outputs C, not
+    `channels`), so this head uses its PSAMask op (`psa_mask`) with mmseg's layers.
+    """
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, *, mask_size=(97, 97),
+                 psa_type: str = "bi-direction", compact: bool = False, shrink_factor: int = 2,
+                 normalization_factor: float | None = 1.0, psa_softmax: bool = True, dropout: float = 0.1,
+                 norm_layer: LayerSpec = nn.BatchNorm2d, act_layer: LayerSpec = nn.ReLU):
+        super().__init__()
+        name = type(self).__name__
+        for what, v in (("in_channels", in_channels), ("channels", channels), ("num_classes", num_classes)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: {what} must be a positive int, got {v!r}")
+        self.mask_size = _pair(f"{name}: mask_size", mask_size)
+        if psa_type not in PSA_TYPES:
+            raise ValueError(f"{name}: psa_type must be one of {PSA_TYPES}, got {psa_type!r}")
+        if compact:
+            raise ValueError(f"{name}: compact=True ties the mask channels to one map size; use compact=False "
+                             f"(mmseg's default and config)")
+        if not isinstance(shrink_factor, int) or isinstance(shrink_factor, bool) or shrink_factor < 1:
+            raise ValueError(f"{name}: shrink_factor must be a positive int, got {shrink_factor!r}")
+        mask_h, mask_w = self.mask_size
+        if normalization_factor is None:           # mmseg's None: the mask area
+            normalization_factor = float(mask_h * mask_w)
+        if not normalization_factor > 0:
+            raise ValueError(f"{name}: normalization_factor must be > 0 or None, got {normalization_factor!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
+        self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
+        self.psa_type, self.compact, self.shrink_factor = psa_type, False, shrink_factor
+        self.normalization_factor, self.psa_softmax = float(normalization_factor), bool(psa_softmax)
+        cm = dict(norm_layer=norm_layer, act_layer=act_layer)
+
+        def attention() -> nn.Sequential:
+            return nn.Sequential(ConvModule(channels, channels, 1, **cm),
+                                 nn.Conv2d(channels, mask_h * mask_w, kernel_size=1, bias=False))
+
+        self.reduce = ConvModule(in_channels, channels, 1, **cm)
+        self.attention = attention()
+        if psa_type == "bi-direction":
+            self.reduce_p = ConvModule(in_channels, channels, 1, **cm)
+            self.attention_p = attention()
+        n_branch = 2 if psa_type == "bi-direction" else 1
+        self.proj = ConvModule(n_branch * channels, in_channels, 1, padding=1, **cm)   # padding=1 as mmseg
+        self.bottleneck = ConvModule(2 * in_channels, channels, 3, **cm)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        self.init_weights()
+
+    def attention_modules(self) -> tuple[nn.Module, ...]:
+        """No lit_attn block inside: every layer is mmseg's and gets mmseg's init."""
+        return ()
+
+    def init_weights(self) -> None:
+        """mmseg's init: ConvModules kaiming (fan_out) + norms (1, 0), conv_seg N(0, 0.01); the mask convs
+        (plain nn.Conv2d, as mmseg) keep PyTorch's default."""
+        init_head_weights(self, skip=self.attention_modules())
+
+    def shrunk_size(self, h: int, w: int) -> tuple[int, int, bool]:
+        return shrunk_size(h, w, self.shrink_factor)
+
+    def branches(self) -> list[tuple[nn.Module, nn.Module, str]]:
+        """(reduce, attention, PSAMask type) per branch: collect (+ distribute for "bi-direction")."""
+        if self.psa_type == "bi-direction":
+            return [(self.reduce, self.attention, "collect"), (self.reduce_p, self.attention_p, "distribute")]
+        return [(self.reduce, self.attention, self.psa_type)]
+
+    def attend(self, feats: Tensor, mask: Tensor, psa_type: str) -> Tensor:
+        """mmseg's aggregation: PSAMask(mask) (B, N', H', W'), softmax over dim 1, bmm with the shrunk
+        features (B, C', N'), / normalization_factor."""
+        b, c, h, w = feats.shape
+        y = psa_mask(mask, psa_type, self.mask_size)
+        if self.psa_softmax:
+            y = y.softmax(dim=1)
+        out = torch.bmm(feats.reshape(b, c, h * w), y.reshape(b, h * w, h * w))
+        return out.reshape(b, c, h, w) * (1.0 / self.normalization_factor)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The (B, channels, H, W) features before dropout and the classifier."""
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__} expects a non-empty (B, {self.in_channels}, H, W) feature "
+                             f"map, got {shape}")
+        h, w = x.shape[-2:]
+        hs, ws, align = self.shrunk_size(h, w)
+        outs = []
+        for reduce, attention, psa_type in self.branches():
+            feats = reduce(x)
+            if (hs, ws) != (h, w):
+                feats = F.interpolate(feats, size=(hs, ws), mode="bilinear", align_corners=align)
+            outs.append(self.attend(feats, attention(feats), psa_type))
+        out = self.proj(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
+        out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=align)
+        return self.bottleneck(torch.cat([x, out.to(x.dtype)], dim=1))
+
+    def cls_seg(self, feat: Tensor) -> Tensor:
+        """Dropout2d, then the 1x1 classifier (mmseg's `cls_seg`)."""
+        return self.conv_seg(self.dropout(feat))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.cls_seg(self.forward_features(x))
+
+    def extra_repr(self) -> str:
+        return (f"psa_type={self.psa_type!r}, mask_size={self.mask_size}, shrink_factor={self.shrink_factor}, "
+                f"normalization_factor={self.normalization_factor}, psa_softmax={self.psa_softmax}")
