@@ -192,9 +192,9 @@ def test_nlhead_param_count_r50_d8():
     mmseg = FCN + nl_mmcv
     assert mmseg == 24_131_859
     head = big(NLHead)
-    # lit_attn's `nonlocal`: W_z has a bias (cancelled by the following BN): 512 more than mmcv
-    assert n_params(head.attn) == nl_mmcv + 512
-    assert n_params(head) == mmseg + 512 == 24_132_371
+    assert head.attn.w_z.bias is None  # as mmcv's conv_out (a norm follows)
+    assert n_params(head.attn) == nl_mmcv
+    assert n_params(head) == mmseg
 
 
 def test_dnlhead_param_count_r50_d8():

@@ -152,3 +152,10 @@ def test_decoder_attention_type_keeps_smp_behaviour():
     assert any(type(m).__name__ == "SCSEModule" for m in model.modules())
     with pytest.raises(ValueError, match="not smp's 'scse' or a lit_attn plug-in"):
         smp.Unet("resnet34", encoder_weights=None, decoder_attention_type="no_such_block")
+
+
+def test_decoder_attention_type_bat_at_sizes_divisible_by_7():
+    model = smp.Unet("resnet34", encoder_weights=None, classes=2, decoder_attention_type="bat", encoder_depth=3,
+                     decoder_channels=(64, 32, 16))
+    out = model(torch.randn(1, 3, 56, 56))  # decoder maps 14, 28, 56: timm's BAT needs multiples of 7
+    assert out.shape == (1, 2, 56, 56) and torch.isfinite(out).all()

@@ -137,14 +137,13 @@ class NLHead(AttnHead):
     `NonLocal2d(channels, reduction, use_scale, norm_cfg=head's)` between convs[0] and convs[1]. The block is
     lit_attn's `nonlocal` (g/theta/phi 1x1 C -> C // reduction with bias, softmax(theta . phi / sqrt(C'))
     through a fused kernel, out = x + BN(W_z y)); init as mmcv (g/theta/phi N(0, 0.01), bias 0, output BN
-    weight and bias 0: identity at init). Differences from mmcv: W_z has a bias (mmcv's conv_out has none when
-    a norm follows; the bias is cancelled by that BN, so the maths is the same but there are C = 512 more
-    parameters), W_z is N(0, 0.01) where mmcv leaves ConvModule's kaiming init (its gradient is zero until the
+    weight and bias 0: identity at init; W_z without a bias when a norm follows, as mmcv's conv_out).
+    Differences from mmcv: W_z is N(0, 0.01) where mmcv leaves ConvModule's kaiming init (its gradient is zero until the
     BN weight moves), the block's norm is always BatchNorm2d (mmcv uses the head's norm; norm_layer=None drops
     it and zero-inits W_z, as mmcv). `mode` accepts mmcv's four; use_scale applies to embedded_gaussian only,
     as mmcv. State dict: mmseg `nl_block.{g,theta,phi}.conv` -> `attn.{g,theta,phi}`, `conv_out.conv` ->
     `attn.w_z`, `conv_out.bn` -> `attn.norm`. Cost O(N^2 C) time, O(N C) memory (no N x N matrix; mmcv builds
-    it), N = H*W. R-50-D8, K = 19: 24,132,371 parameters (mmseg: 24,131,859).
+    it), N = H*W. R-50-D8, K = 19: 24,131,859 parameters, as mmseg.
     """
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, *, reduction: int = 2,
@@ -155,7 +154,7 @@ class NLHead(AttnHead):
             raise ValueError(f"NLHead: mode must be one of {_NL_MODES}, got {mode!r}")
         kwargs = {"mode": mode, "rd_ratio": _inner_ratio("NLHead", channels, reduction),
                   "use_scale": bool(use_scale) if mode == "embedded_gaussian" else None,
-                  "norm": _has_norm(norm_layer)}
+                  "norm": _has_norm(norm_layer), "out_bias": not _has_norm(norm_layer)}
         super().__init__(in_channels, channels, num_classes, attention="nonlocal", attention_kwargs=kwargs,
                          dropout=dropout, kernel_size=kernel_size, dilation=dilation, norm_layer=norm_layer,
                          act_layer=act_layer)

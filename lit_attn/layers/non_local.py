@@ -60,15 +60,16 @@ class NonLocal2d(nn.Module):
     `sub_sample` max-pools 2x2 (ceil_mode, so odd sizes and 1x1 work) the keys/values only, never the
     queries; pooling x *before* the phi/g convs as the official Caffe2 code (mmcv's NonLocal2d pools
     *after* them, which differs). Init as official: conv weights (and w_f) N(0, 0.01), biases 0, BN gamma 0
-    => identity at init; `norm=False` drops the BN and zero-inits W_z instead (detection fine-tuning).
+    => identity at init; `norm=False` drops the BN and zero-inits W_z instead (detection fine-tuning);
+    `out_bias=False` drops W_z's bias (mmcv's conv_out, whose following BN cancels it).
     No activation: act_layer is accepted and ignored. Cost in N = H*W (plus O(N C^2) for the 1x1
     convs): softmax modes O(N N' C) time, O(N C) memory (fused/chunked attention, no N x N'); dot
     O(N C^2) by reassociation theta (phi^T g); concat O(N log N + N C) with a sort and prefix sums.
     """
 
     def __init__(self, channels: int, *, mode: str = "embedded", rd_ratio: float = 0.5,
-                 sub_sample: bool = False, use_scale: bool | None = None, norm: bool = True, act_layer=None,
-                 device=None, dtype=None):
+                 sub_sample: bool = False, use_scale: bool | None = None, norm: bool = True,
+                 out_bias: bool = True, act_layer=None, device=None, dtype=None):
         super().__init__()
         check_channels("NonLocal2d", channels)
         mode = _ALIASES.get(mode, mode)
@@ -86,7 +87,7 @@ class NonLocal2d(nn.Module):
         self.g = nn.Conv2d(channels, inner, 1, **dd)
         if mode == "concat":
             self.w_f = nn.Parameter(torch.empty(2 * inner, **dd))
-        self.w_z = nn.Conv2d(inner, channels, 1, **dd)
+        self.w_z = nn.Conv2d(inner, channels, 1, bias=out_bias, **dd)
         self.norm = nn.BatchNorm2d(channels, **dd) if norm else nn.Identity()
         self.reset_parameters()
 
@@ -94,7 +95,8 @@ class NonLocal2d(nn.Module):
         for m in (getattr(self, "theta", None), getattr(self, "phi", None), self.g, self.w_z):
             if m is not None:
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         if self.mode == "concat":
             nn.init.normal_(self.w_f, std=0.01)
         if isinstance(self.norm, nn.BatchNorm2d):
