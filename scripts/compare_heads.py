@@ -157,7 +157,10 @@ def report(path: Path) -> None:
         lines += [f"## Digits (embedded data), same budget for every head: {meta.get('train', '')}", "",
                   "Encoder tu-resnet18 (random init), output stride 8, head width 128 (EMANet 64), AdamW 3e-3 with "
                   "poly + warm-up, batch 16, seed 0. One seed: differences of a few points are within run-to-run "
-                  "noise on this small data set.", "",
+                  "noise on this small data set."
+                  + ("" if len(tr) == len(ARCHITECTURES) else
+                     f" **Partial: {len(tr)} of {len(ARCHITECTURES)} heads so far** (each takes about 6 CPU minutes "
+                     f"here); `python scripts/compare_heads.py train --epochs 3` resumes the rest."), "",
                   "| head | test mIoU | pixel acc | params (M) | fit time (s) | mmseg Cityscapes 80k | "
                   "mmseg ADE20K 80k |", "|---|---:|---:|---:|---:|---:|---:|"]
         for arch, r in sorted(tr.items(), key=lambda kv: -kv[1]["test_miou"]):
@@ -169,7 +172,8 @@ def report(path: Path) -> None:
                   f"for orientation only (FCN baseline {FCN['cityscapes']} / {FCN['ade20k']}).", ""]
     if co:
         lines += ["## Cost at 512x1024, mmseg R-50-D8 configuration (tu-resnet50c, OS 8, 19 classes)", "",
-                  f"Machine: {next(iter(co.values()))['machine']}.", "",
+                  f"Machine: {next(iter(co.values()))['machine']}. Measured one head after the other on a shared "
+                  "machine (other jobs overlapped some rows): latency differences under ~20% are noise.", "",
                   "| head | params (M) | head params (M) | GFLOPs | eval latency B=1 (ms) | "
                   "train fwd+bwd peak B=1 (MB) |", "|---|---:|---:|---:|---:|---:|"]
         for arch, r in sorted(co.items()):
@@ -197,6 +201,8 @@ def main() -> None:
     p.add_argument("--redo", action="store_true")
     p.add_argument("--out", default=str(ROOT / "docs" / "heads.md"))
     args = p.parse_args()
+    if args.part == "train":
+        save("meta", {**load("meta"), "train": f"{args.epochs} epochs, {machine(torch.device('cpu'))}"})
     if args.part != "report":
         results = {} if args.redo else load(args.part)
         for arch in args.archs.split(","):
@@ -210,8 +216,6 @@ def main() -> None:
                 results[arch] = acceptance(arch)
             print(arch, results[arch], flush=True)
             save(args.part, results)
-        if args.part == "train":
-            save("meta", {**load("meta"), "train": f"{args.epochs} epochs, {machine(torch.device('cpu'))}"})
     report(Path(args.out))
 
 
