@@ -8,10 +8,9 @@ by `lit_attn.layers.psanet.psa_mask` (same values, no compiled op).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.psanet import PSA_TYPES, psa_mask, shrunk_size
+from ..layers.psanet import PSA_TYPES, PointwiseSpatialContext
 from .fcn import ConvModule, LayerSpec, init_head_weights
 
 __all__ = ["PSAHead"]
@@ -24,7 +23,7 @@ def _pair(name: str, v) -> tuple[int, int]:
     return t
 
 
-class PSAHead(nn.Module):
+class PSAHead(PointwiseSpatialContext, nn.Module):
     """PSANet head ("PSANet: Point-wise Spatial Attention Network for Scene Parsing", Zhao et al., ECCV 2018),
     as mmseg's `PSAHead` (`mmseg/models/decode_heads/psa_head.py`@3f8d34e, config `psanet_r50-d8.py`:
     channels 512, mask_size (97, 97), psa_type 'bi-direction', compact False, shrink_factor 2,
@@ -34,8 +33,8 @@ class PSAHead(nn.Module):
     mask_h * mask_w; `proj` 1x1 ConvModule (2 *) channels -> in with mmseg's padding=1; `bottleneck` 3x3
     ConvModule 2 * in -> channels on concat([x, proj]); Dropout2d; `conv_seg`. Forward as mmseg: reduce,
     bilinear shrink (both sides odd: ((H-1)//s + 1, align_corners=True), else (H//s, False)), mask logits,
-    PSAMask ("collect" for `attention`, "distribute" for `attention_p`; lit_attn's `psa_mask`, the same
-    values as mmcv's op), softmax over dim 1, bmm, / normalization_factor, concat, proj, resize to H x W
+    PSAMask ("collect" for `attention`, "distribute" for `attention_p`; the same values as mmcv's op),
+    softmax, bmm, / normalization_factor, concat, proj, resize to H x W
     (same align_corners), bottleneck, cls_seg. mmcv's semantics kept: offsets beyond the mask's half-size
     (shrunk maps wider than (mask - 1)//2 + 1) hold logit 0, so the softmax gives them exp(0) / Z;
     proj's padding adds a constant ring that the resize stretches into the map. Differences: H//s is
@@ -43,8 +42,9 @@ class PSAHead(nn.Module):
     mask_h * mask_w to one map size). Cost, N = H*W, N' = N / s^2, per branch: the (B, N', N') attention,
     O(N'^2 C') time and memory O(N'^2), the mask conv O(N' C' mask_h mask_w) (9409 channels at 97 x 97),
     then the 3x3 bottleneck O(18 N C C'); 33,246,739 parameters at C = 2048, C' = 512, 19 classes (as
-    mmseg). The `psanet` plug-in block holds the same maths but maps C -> C (its bottleneck outputs C, not
-    `channels`), so this head uses its PSAMask op (`psa_mask`) with mmseg's layers.
+    mmseg). The pipeline up to `proj` is the `psanet` block's (`PointwiseSpatialContext`, which gathers
+    the attention from the masks without the dense PSAMask output); only the bottleneck differs (the
+    plug-in maps C -> C, the head 2 * in -> channels).
     """
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, *, mask_size=(97, 97),
@@ -101,41 +101,13 @@ class PSAHead(nn.Module):
         (plain nn.Conv2d, as mmseg) keep PyTorch's default."""
         init_head_weights(self, skip=self.attention_modules())
 
-    def shrunk_size(self, h: int, w: int) -> tuple[int, int, bool]:
-        return shrunk_size(h, w, self.shrink_factor)
-
-    def branches(self) -> list[tuple[nn.Module, nn.Module, str]]:
-        """(reduce, attention, PSAMask type) per branch: collect (+ distribute for "bi-direction")."""
-        if self.psa_type == "bi-direction":
-            return [(self.reduce, self.attention, "collect"), (self.reduce_p, self.attention_p, "distribute")]
-        return [(self.reduce, self.attention, self.psa_type)]
-
-    def attend(self, feats: Tensor, mask: Tensor, psa_type: str) -> Tensor:
-        """mmseg's aggregation: PSAMask(mask) (B, N', H', W'), softmax over dim 1, bmm with the shrunk
-        features (B, C', N'), / normalization_factor."""
-        b, c, h, w = feats.shape
-        y = psa_mask(mask, psa_type, self.mask_size)
-        if self.psa_softmax:
-            y = y.softmax(dim=1)
-        out = torch.bmm(feats.reshape(b, c, h * w), y.reshape(b, h * w, h * w))
-        return out.reshape(b, c, h, w) * (1.0 / self.normalization_factor)
-
     def forward_features(self, x: Tensor) -> Tensor:
         """The (B, channels, H, W) features before dropout and the classifier."""
         if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects a non-empty (B, {self.in_channels}, H, W) feature "
                              f"map, got {shape}")
-        h, w = x.shape[-2:]
-        hs, ws, align = self.shrunk_size(h, w)
-        outs = []
-        for reduce, attention, psa_type in self.branches():
-            feats = reduce(x)
-            if (hs, ws) != (h, w):
-                feats = F.interpolate(feats, size=(hs, ws), mode="bilinear", align_corners=align)
-            outs.append(self.attend(feats, attention(feats), psa_type))
-        out = self.proj(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
-        out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=align)
+        out = self.context(x)
         return self.bottleneck(torch.cat([x, out.to(x.dtype)], dim=1))
 
     def cls_seg(self, feat: Tensor) -> Tensor:
@@ -144,7 +116,3 @@ class PSAHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.cls_seg(self.forward_features(x))
-
-    def extra_repr(self) -> str:
-        return (f"psa_type={self.psa_type!r}, mask_size={self.mask_size}, shrink_factor={self.shrink_factor}, "
-                f"normalization_factor={self.normalization_factor}, psa_softmax={self.psa_softmax}")

@@ -92,11 +92,57 @@ def shrunk_size(h: int, w: int, s: int) -> tuple[int, int, bool]:
     return max(1, h // s), max(1, w // s), False
 
 
+class PointwiseSpatialContext:
+    """The point-wise spatial attention pipeline shared by the `psanet` block and `PSAHead` (mmseg's
+    PSAHead internals): per branch reduce -> shrink -> predict the over-complete mask -> aggregate, then
+    `proj` and the resize back. Needs `reduce`, `attention` (+ `reduce_p`, `attention_p`), `proj`,
+    `psa_type`, `mask_size`, `shrink_factor`, `psa_softmax` and `normalization_factor` on the module."""
+
+    def extra_repr(self) -> str:
+        return (f"psa_type={self.psa_type!r}, mask_size={self.mask_size}, shrink_factor={self.shrink_factor}, "
+                f"normalization_factor={self.normalization_factor}, psa_softmax={self.psa_softmax}")
+
+    def shrunk_size(self, h: int, w: int) -> tuple[int, int, bool]:
+        return shrunk_size(h, w, self.shrink_factor)
+
+    def branches(self) -> list[tuple[nn.Module, nn.Module, str]]:
+        """(reduce, attention, PSAMask type) per branch: collect (+ distribute for "bi-direction")."""
+        if self.psa_type == "bi-direction":
+            return [(self.reduce, self.attention, "collect"), (self.reduce_p, self.attention_p, "distribute")]
+        return [(self.reduce, self.attention, self.psa_type)]
+
+    def attend(self, feats: Tensor, mask: Tensor, psa_type: str) -> Tensor:
+        """Aggregate shrunk features (B, C', H', W') with the point-wise masks (B, mask_h*mask_w, H', W')."""
+        b, c, h, w = feats.shape
+        attn = point_wise_logits(mask, self.mask_size)        # (B, N', N'), row i = pixel whose mask is used
+        collect = psa_type == "collect"
+        if self.psa_softmax:
+            attn = attn.softmax(-1 if collect else 1)
+        v = feats.reshape(b, c, h * w)
+        out = torch.bmm(v, attn.transpose(1, 2) if collect else attn) # collect: out_i = sum_j A_ij v_j
+        return out.reshape(b, c, h, w) * (1.0 / self.normalization_factor)
+
+    def context(self, x: Tensor) -> Tensor:
+        """proj(concat of the branches' aggregated features), resized back to x's H, W."""
+        h, w = x.shape[-2:]
+        hs, ws, align = self.shrunk_size(h, w)
+        outs = []
+        for reduce, attention, psa_type in self.branches():
+            feats = reduce(x)
+            if (hs, ws) != (h, w):
+                feats = F.interpolate(feats, size=(hs, ws), mode="bilinear", align_corners=align)
+            outs.append(self.attend(feats, attention(feats), psa_type))
+        out = self.proj(torch.cat(outs, 1) if len(outs) > 1 else outs[0])
+        if out.shape[-2:] != (h, w):
+            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=align)
+        return out
+
+
 @register_attn("psanet", family="psanet", kind=GLOBAL, year=2018,
                paper="PSANet: Point-wise Spatial Attention Network for Scene Parsing (ECCV 2018)",
                attends="positions (per-pixel predicted relative masks, collect + distribute)",
                cost="O(N^2 C / s^4 + N mask_h mask_w C / s^2)")
-class PointwiseSpatialAttention(nn.Module):
+class PointwiseSpatialAttention(PointwiseSpatialContext, nn.Module):
     """Point-wise spatial attention from "PSANet: Point-wise Spatial Attention Network for Scene Parsing"
     (Zhao et al., ECCV 2018; no arXiv version), mmseg's `PSAHead` internals in plug-in form. Per branch: `reduce`
     (1x1 conv-BN-act C -> C' = C * rd_ratio, mmseg 2048 -> 512), bilinear shrink by s with mmseg's rule (both
@@ -172,42 +218,9 @@ class PointwiseSpatialAttention(nn.Module):
                 if isinstance(m.bn, nn.BatchNorm2d):
                     m.bn.reset_parameters()
 
-    def extra_repr(self) -> str:
-        return (f"psa_type={self.psa_type!r}, mask_size={self.mask_size}, shrink_factor={self.shrink_factor}, "
-                f"normalization_factor={self.normalization_factor}, psa_softmax={self.psa_softmax}")
-
-    def shrunk_size(self, h: int, w: int) -> tuple[int, int, bool]:
-        return shrunk_size(h, w, self.shrink_factor)
-
-    def branches(self) -> list[tuple[nn.Module, nn.Module, str]]:
-        if self.psa_type == "bi-direction":
-            return [(self.reduce, self.attention, "collect"), (self.reduce_p, self.attention_p, "distribute")]
-        return [(self.reduce, self.attention, self.psa_type)]
-
-    def attend(self, feats: Tensor, mask: Tensor, psa_type: str) -> Tensor:
-        """Aggregate shrunk features (B, C', H', W') with the point-wise masks (B, mask_h*mask_w, H', W')."""
-        b, c, h, w = feats.shape
-        attn = point_wise_logits(mask, self.mask_size)        # (B, N', N'), row i = pixel whose mask is used
-        collect = psa_type == "collect"
-        if self.psa_softmax:
-            attn = attn.softmax(-1 if collect else 1)
-        v = feats.reshape(b, c, h * w)
-        out = torch.bmm(v, attn.transpose(1, 2) if collect else attn) # collect: out_i = sum_j A_ij v_j
-        return out.reshape(b, c, h, w) * (1.0 / self.normalization_factor)
-
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.channels)
-        h, w = x.shape[-2:]
-        hs, ws, align = self.shrunk_size(h, w)
-        outs = []
-        for reduce, attention, psa_type in self.branches():
-            feats = reduce(x)
-            if (hs, ws) != (h, w):
-                feats = F.interpolate(feats, size=(hs, ws), mode="bilinear", align_corners=align)
-            outs.append(self.attend(feats, attention(feats), psa_type))
-        out = self.proj(torch.cat(outs, 1) if len(outs) > 1 else outs[0])
-        if out.shape[-2:] != (h, w):
-            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=align)
+        out = self.context(x)
         out = self.bottleneck(torch.cat([x, out.to(x.dtype)], 1))
         # timm adds the shortcut into the block's output in place; ReLU saves its output for the backward,
         # clamp_min (the same function) its input
