@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..registry import create_attn
-from .fcn import ConvModule, LayerSpec, init_head_weights, resolve_act_layer, resolve_norm_layer
+from .fcn import ConvModule, DecodeHead, LayerSpec, resolve_act_layer, resolve_norm_layer
 from .isa import check_head_args, check_map
 
 __all__ = ["ANNHead"]
 
 
-class ANNHead(nn.Module):
+class ANNHead(DecodeHead):
     """mmsegmentation's ANNHead (ANN, Zhu et al., ICCV 2019, arXiv 1908.07678; `mmseg:mmseg/models/
     decode_heads/ann_head.py@034a5c8`, config `ann_r50-d8.py@3f8d34e`: in_channels (1024, 2048), channels
     512, project_channels 256, query_scales (1,), key_pool_scales (1, 3, 6, 8), dropout 0.1).
@@ -67,10 +67,6 @@ class ANNHead(nn.Module):
         """The AFNB and APNB blocks; `init_weights` leaves them alone."""
         return tuple(m for m in (getattr(self, "fusion", None), getattr(self, "context", None)) if m is not None)
 
-    def init_weights(self) -> None:
-        """mmseg's init for the bottleneck (kaiming fan_out, BN (1, 0)) and conv_seg (N(0, 0.01))."""
-        init_head_weights(self, skip=self.attention_modules())
-
     def forward_features(self, x3: Tensor, x4: Tensor) -> Tensor:
         """The (B, channels, h, w) features before the last dropout and the classifier."""
         low, high = self.in_channels
@@ -81,10 +77,3 @@ class ANNHead(nn.Module):
                              f"{tuple(x3.shape)} and {tuple(x4.shape)}")
         out = self.dropout(self.fusion(x3, x4))
         return self.context(self.bottleneck(out))
-
-    def cls_seg(self, feat: Tensor) -> Tensor:
-        """Dropout2d, then the 1x1 classifier (mmseg's `cls_seg`)."""
-        return self.conv_seg(self.dropout(feat))
-
-    def forward(self, x3: Tensor, x4: Tensor) -> Tensor:
-        return self.cls_seg(self.forward_features(x3, x4))

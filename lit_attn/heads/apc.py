@@ -12,12 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.acm import ACM
-from .fcn import ConvModule, LayerSpec, init_head_weights, resolve_act_layer, resolve_norm_layer
+from .fcn import ConvModule, DecodeHead, LayerSpec, resolve_act_layer, resolve_norm_layer
 
 __all__ = ["APCHead"]
 
 
-class APCHead(nn.Module):
+class APCHead(DecodeHead):
     """APCNet head ("Adaptive Pyramid Context Network for Semantic Segmentation", He et al., CVPR 2019,
     no arXiv id), as mmseg's `APCHead` (`mmseg/models/decode_heads/apc_head.py`@3f8d34e, config
     `apcnet_r50-d8.py`: channels 512, pool_scales (1, 2, 3, 6), fusion True, Dropout2d 0.1):
@@ -61,10 +61,6 @@ class APCHead(nn.Module):
         """The ACM blocks; `init_weights` leaves them alone."""
         return tuple(self.acm_modules)
 
-    def init_weights(self) -> None:
-        """mmseg's decode-head init of the bottleneck and conv_seg (the ACMs keep their own)."""
-        init_head_weights(self, skip=self.attention_modules())
-
     def forward_features(self, x: Tensor) -> Tensor:
         """The (B, channels, H, W) features before dropout and the classifier."""
         if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
@@ -72,13 +68,6 @@ class APCHead(nn.Module):
             raise ValueError(f"{type(self).__name__} expects a non-empty (B, {self.in_channels}, H, W) feature "
                              f"map, got {shape}")
         return self.bottleneck(torch.cat([x, *(acm(x) for acm in self.acm_modules)], dim=1))
-
-    def cls_seg(self, feat: Tensor) -> Tensor:
-        """Dropout2d, then the 1x1 classifier (mmseg's `cls_seg`)."""
-        return self.conv_seg(self.dropout(feat))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.cls_seg(self.forward_features(x))
 
     def extra_repr(self) -> str:
         return f"pool_scales={self.pool_scales}, fusion={self.fusion}"

@@ -11,13 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import create_attn
-from .fcn import ConvModule, LayerSpec, init_head_weights, resolve_act_layer, resolve_norm_layer
+from .fcn import ConvModule, DecodeHead, LayerSpec, init_head_weights, resolve_act_layer, resolve_norm_layer
 from .isa import check_head_args, check_map
 
 __all__ = ["EMAHead"]
 
 
-class EMAHead(nn.Module):
+class EMAHead(DecodeHead):
     """mmsegmentation's EMAHead (EMANet, Li et al., ICCV 2019, arXiv 1907.13426; `mmseg:mmseg/models/
     decode_heads/ema_head.py@5563185`, config `emanet_r50-d8.py@85618a0`: channels 256, ema_channels 512,
     num_bases 64, num_stages 3, momentum 0.1, concat_input True, dropout 0.1; note channels=256 there, not
@@ -85,10 +85,3 @@ class EMAHead(nn.Module):
         if self.concat_input:
             out = self.conv_cat(torch.cat([x, out], dim=1))
         return out
-
-    def cls_seg(self, feat: Tensor) -> Tensor:
-        """Dropout2d, then the 1x1 classifier (mmseg's `cls_seg`)."""
-        return self.conv_seg(self.dropout(feat))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.cls_seg(self.forward_features(x))

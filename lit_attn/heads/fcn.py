@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..layers.conv_module import ConvModule, LayerSpec, resolve_act_layer, resolve_norm_layer
 
-__all__ = ["ConvModule", "FCNHead", "init_head_weights", "resolve_norm_layer", "resolve_act_layer"]
+__all__ = ["ConvModule", "DecodeHead", "FCNHead", "init_head_weights", "resolve_norm_layer", "resolve_act_layer"]
 
 def init_head_weights(head: nn.Module, skip: tuple[nn.Module, ...] = ()) -> None:
     """mmseg's decode-head init: every ConvModule of `head` kaiming (fan_out) + norm (1, 0), `conv_seg`
@@ -31,7 +31,27 @@ def init_head_weights(head: nn.Module, skip: tuple[nn.Module, ...] = ()) -> None
             nn.init.zeros_(conv_seg.bias)
 
 
-class FCNHead(nn.Module):
+class DecodeHead(nn.Module):
+    """What every decode head shares (mmseg's BaseDecodeHead, trimmed): `cls_seg` (Dropout2d then the
+    1x1 classifier `conv_seg`), mmseg's init of the head's own layers that leaves the attention blocks
+    (`attention_modules()`) with their papers' init, and forward = cls_seg(forward_features(*inputs))."""
+
+    def attention_modules(self) -> tuple[nn.Module, ...]:
+        """The attention blocks inside the head (none here); `init_weights` leaves them alone."""
+        return ()
+
+    def init_weights(self) -> None:
+        init_head_weights(self, skip=self.attention_modules())
+
+    def cls_seg(self, feat: Tensor) -> Tensor:
+        """Dropout2d, then the 1x1 classifier (mmseg's `cls_seg`)."""
+        return self.conv_seg(self.dropout(feat))
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.cls_seg(self.forward_features(*inputs))
+
+
+class FCNHead(DecodeHead):
     """mmsegmentation's FCNHead (FCN, Long et al., CVPR 2015, arXiv 1411.4038).
 
     `convs` = `num_convs` ConvModules (in -> channels, then channels -> channels; k x k, padding
@@ -74,13 +94,6 @@ class FCNHead(nn.Module):
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
         self.init_weights()
 
-    def attention_modules(self) -> tuple[nn.Module, ...]:
-        """The attention blocks inside the head (none here); `init_weights` leaves them alone."""
-        return ()
-
-    def init_weights(self) -> None:
-        init_head_weights(self, skip=self.attention_modules())
-
     def _check(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -98,10 +111,3 @@ class FCNHead(nn.Module):
         if self.concat_input:
             out = self.conv_cat(torch.cat([x, out], dim=1))
         return out
-
-    def cls_seg(self, feat: Tensor) -> Tensor:
-        """Dropout2d, then the 1x1 classifier (mmseg's `cls_seg`)."""
-        return self.conv_seg(self.dropout(feat))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.cls_seg(self.forward_features(x))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..registry import create_attn
-from .fcn import ConvModule, LayerSpec, init_head_weights, resolve_act_layer, resolve_norm_layer
+from .fcn import ConvModule, DecodeHead, LayerSpec, resolve_act_layer, resolve_norm_layer
 
 __all__ = ["ISAHead"]
 
@@ -31,7 +31,7 @@ def check_map(head: nn.Module, x: Tensor, channels: int, what: str = "feature ma
                          f"got {shape}")
 
 
-class ISAHead(nn.Module):
+class ISAHead(DecodeHead):
     """mmsegmentation's ISAHead (ISA, Huang et al., arXiv 1907.12273; `mmseg:mmseg/models/decode_heads/
     isa_head.py@3f8d34e`, config `isanet_r50-d8.py@3f8d34e`: channels 512, isa_channels 256, down_factor
     (8, 8), dropout 0.1). `in_conv` = ConvModule(in -> channels, 3x3); `isa` = lit_attn's `isa` block
@@ -71,18 +71,7 @@ class ISAHead(nn.Module):
         isa = getattr(self, "isa", None)
         return () if isa is None else (isa,)
 
-    def init_weights(self) -> None:
-        """mmseg's init for in_conv (kaiming fan_out, BN (1, 0)) and conv_seg (N(0, 0.01)); not the block."""
-        init_head_weights(self, skip=self.attention_modules())
-
     def forward_features(self, x: Tensor) -> Tensor:
         """The (B, channels, h, w) features before dropout and the classifier."""
         check_map(self, x, self.in_channels)
         return self.isa(self.in_conv(x))
-
-    def cls_seg(self, feat: Tensor) -> Tensor:
-        """Dropout2d, then the 1x1 classifier (mmseg's `cls_seg`)."""
-        return self.conv_seg(self.dropout(feat))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.cls_seg(self.forward_features(x))

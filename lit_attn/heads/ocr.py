@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import create_attn
-from .fcn import ConvModule, LayerSpec, init_head_weights, resolve_act_layer, resolve_norm_layer
+from .fcn import ConvModule, DecodeHead, LayerSpec, resolve_act_layer, resolve_norm_layer
 from .isa import check_head_args, check_map
 
 __all__ = ["OCRHead"]
 
 
-class OCRHead(nn.Module):
+class OCRHead(DecodeHead):
     """mmsegmentation's OCRHead (OCRNet, Yuan et al., ECCV 2020, arXiv 1909.11065; `mmseg:mmseg/models/
     decode_heads/ocr_head.py@168c883`, config `ocrnet_r50-d8.py@b23982d`: channels 512, ocr_channels 256,
     scale 1, dropout 0.1). forward(x, region_logits): x (B, in_channels, h, w) the last feature map,
@@ -61,10 +61,6 @@ class OCRHead(nn.Module):
         ocr = getattr(self, "ocr", None)
         return () if ocr is None else (ocr,)
 
-    def init_weights(self) -> None:
-        """mmseg's init for the bottleneck (kaiming fan_out, BN (1, 0)) and conv_seg (N(0, 0.01))."""
-        init_head_weights(self, skip=self.attention_modules())
-
     def forward_features(self, x: Tensor, region_logits: Tensor) -> Tensor:
         """The (B, channels, h, w) object-contextual features before dropout and the classifier."""
         check_map(self, x, self.in_channels)
@@ -77,10 +73,3 @@ class OCRHead(nn.Module):
         if region_logits.shape[-2:] != x.shape[-2:]:
             region_logits = F.interpolate(region_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.ocr(self.bottleneck(x), region_logits)
-
-    def cls_seg(self, feat: Tensor) -> Tensor:
-        """Dropout2d, then the 1x1 classifier (mmseg's `cls_seg`)."""
-        return self.conv_seg(self.dropout(feat))
-
-    def forward(self, x: Tensor, region_logits: Tensor) -> Tensor:
-        return self.cls_seg(self.forward_features(x, region_logits))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.psanet import PSA_TYPES, PointwiseSpatialContext
-from .fcn import ConvModule, LayerSpec, init_head_weights
+from .fcn import ConvModule, DecodeHead, LayerSpec
 
 __all__ = ["PSAHead"]
 
@@ -23,7 +23,7 @@ def _pair(name: str, v) -> tuple[int, int]:
     return t
 
 
-class PSAHead(PointwiseSpatialContext, nn.Module):
+class PSAHead(PointwiseSpatialContext, DecodeHead):
     """PSANet head ("PSANet: Point-wise Spatial Attention Network for Scene Parsing", Zhao et al., ECCV 2018),
     as mmseg's `PSAHead` (`mmseg/models/decode_heads/psa_head.py`@3f8d34e, config `psanet_r50-d8.py`:
     channels 512, mask_size (97, 97), psa_type 'bi-direction', compact False, shrink_factor 2,
@@ -96,11 +96,6 @@ class PSAHead(PointwiseSpatialContext, nn.Module):
         """No lit_attn block inside: every layer is mmseg's and gets mmseg's init."""
         return ()
 
-    def init_weights(self) -> None:
-        """mmseg's init: ConvModules kaiming (fan_out) + norms (1, 0), conv_seg N(0, 0.01); the mask convs
-        (plain nn.Conv2d, as mmseg) keep PyTorch's default."""
-        init_head_weights(self, skip=self.attention_modules())
-
     def forward_features(self, x: Tensor) -> Tensor:
         """The (B, channels, H, W) features before dropout and the classifier."""
         if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
@@ -109,10 +104,3 @@ class PSAHead(PointwiseSpatialContext, nn.Module):
                              f"map, got {shape}")
         out = self.context(x)
         return self.bottleneck(torch.cat([x, out.to(x.dtype)], dim=1))
-
-    def cls_seg(self, feat: Tensor) -> Tensor:
-        """Dropout2d, then the 1x1 classifier (mmseg's `cls_seg`)."""
-        return self.conv_seg(self.dropout(feat))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.cls_seg(self.forward_features(x))
