@@ -33,6 +33,7 @@ from lit_attn.data import (
     generate_digits_voc,
 )
 from lit_attn.data.meta import voc_colormap
+from lit_attn.data.transforms import RandomScaleResize, ScaleResize
 
 RNG = np.random.default_rng(0)
 SMALL_DIGITS = {"num_train": 60, "num_val": 8, "num_test": 12}
@@ -222,8 +223,10 @@ def test_ade20k_reduce_zero_label(tmp_path):
 
 # --------------------------------------------------------------------------------------------- transforms
 def test_joint_transform_keeps_image_and_mask_aligned():
-    """Image values encode the mask class ((c + 1) * 20); after random resize / crop / pad / flip, every pixel away
-    from class borders decodes to its mask class, and the padding is image 0 <-> mask 255."""
+    """Image values encode the mask class ((c + 1) * 20); after random resize / crop / pad / flip, every pixel whose
+    3x3 mask neighbourhood has one class decodes to its mask class, and the padding is image 0 <-> mask 255. One pixel
+    of tolerance holds only if the mask is resized on the image's pixel-centred grid: with floor-nearest (mmseg's
+    cv2 INTER_NEAREST) about one draw in ten fails."""
     h, w = 48, 80
     rng = np.random.default_rng(0)  # own generator: the layout must not depend on which tests ran before
     cls = rng.integers(0, 11, (h // 16, w // 16)).repeat(16, 0).repeat(16, 1)
@@ -232,7 +235,7 @@ def test_joint_transform_keeps_image_and_mask_aligned():
     tf = build_train_transform(crop_size=(64, 96), scale=(80, 48), ratio_range=(0.5, 2.0), hflip_prob=0.5,
                                photometric=False, mean=(0, 0, 0), std=(1, 1, 1))
     saw_pad = 0
-    for seed in range(12):
+    for seed in range(60):
         torch.manual_seed(seed)
         random.seed(seed)  # the transforms draw their parameters from Python's `random`
         img, m = tf(image, mask)
@@ -241,14 +244,30 @@ def test_joint_transform_keeps_image_and_mask_aligned():
         pad = m == 255
         saw_pad += int(pad.any())
         assert torch.all(img[:, pad] == 0)
-        # pixels whose 5x5 neighbourhood has one class (bilinear / antialias blending stays within 2 px)
         mf = m.float()[None, None]
-        lo = -torch.nn.functional.max_pool2d(-mf, 5, 1, 2)[0, 0]
-        hi = torch.nn.functional.max_pool2d(mf, 5, 1, 2)[0, 0]
+        lo = -torch.nn.functional.max_pool2d(-mf, 3, 1, 1)[0, 0]
+        hi = torch.nn.functional.max_pool2d(mf, 3, 1, 1)[0, 0]
         interior = (lo == hi) & ~pad
+        interior[[0, -1]] = False  # the crop hides the neighbours beyond its frame
+        interior[:, [0, -1]] = False
         assert interior.sum() > 300
-        assert torch.equal(decoded[interior], m[interior].float())
+        assert torch.equal(decoded[interior], m[interior].float()), seed
     assert saw_pad > 0
+
+
+@pytest.mark.parametrize("size", [(77, 128), (24, 40), (31, 53), (48, 80), (100, 37)])
+def test_mask_resize_takes_the_source_pixel_under_each_centre(size):
+    """Every resized label is the source pixel under the output pixel's centre, floor((dst + 0.5) * in / out),
+    computed here by index arithmetic; values and dtype survive."""
+    h, w = 48, 80
+    labels = torch.arange(h * w, dtype=torch.int64).reshape(h, w)  # every pixel its own value
+    out = RandomScaleResize(size, ratio_range=None).transform(tv_tensors.Mask(labels), {"size": size})
+    rows = ((torch.arange(size[0]) + 0.5) * h / size[0]).floor().long().clamp(max=h - 1)
+    cols = ((torch.arange(size[1]) + 0.5) * w / size[1]).floor().long().clamp(max=w - 1)
+    assert isinstance(out, tv_tensors.Mask) and out.dtype == torch.int64
+    assert torch.equal(out.as_subclass(torch.Tensor), labels[rows][:, cols])
+    batched = ScaleResize(size, image_only=False).transform(tv_tensors.Mask(labels[None]), {"size": size})
+    assert torch.equal(batched[0], out)
 
 
 def test_eval_transform_and_photometric():

@@ -1,9 +1,9 @@
 """Joint image/mask transforms for segmentation (torchvision.transforms.v2), after mmseg's pipelines.
 
 Samples travel as ``{"image": tv_tensors.Image (3, H, W) uint8, "mask": tv_tensors.Mask (H, W) int64}``; the
-geometric transforms are applied to both (bilinear for the image, nearest for the mask), the photometric ones and
-the normalisation to the image only. The output is ``{"image": float32 (3, h, w) normalised, "mask": int64 (h, w)}``
-as plain tensors (``255`` = ignore).
+geometric transforms are applied to both (antialiased bilinear for the image, pixel-centred nearest for the mask),
+the photometric ones and the normalisation to the image only. The output is
+``{"image": float32 (3, h, w) normalised, "mask": int64 (h, w)}`` as plain tensors (``255`` = ignore).
 
 Training (mmseg's train pipeline)::
 
@@ -17,6 +17,12 @@ Training (mmseg's train pipeline)::
 Evaluation (mmseg's test pipeline): ``ScaleResize(scale)`` on the image only (keep the aspect ratio, fit the long
 edge into ``max(scale)`` and the short edge into ``min(scale)``), normalise; the mask stays at the original
 resolution, so metrics are computed at full resolution (the task resizes logits to the label size).
+
+Difference from mmseg: mmseg resizes label maps with OpenCV's ``INTER_NEAREST``, which takes source pixel
+``floor(dst * in / out)`` while the bilinear image resize samples at pixel centres, ``(dst + 0.5) * in / out - 0.5``;
+labels then lag the image by up to half an output pixel (at 1.6x, a class border lands one pixel late in every other
+block). Masks here use ``nearest-exact`` (source ``floor((dst + 0.5) * in / out)``), the same pixel-centred grid as the
+image, so each label is the class of the source pixel the image pixel is centred on.
 """
 from __future__ import annotations
 
@@ -62,6 +68,18 @@ def rescale_size(h: int, w: int, scale: int | Sequence[int], ratio: float = 1.0)
     return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
 
 
+def _resize(inpt: Any, size: tuple[int, int]) -> Any:
+    """Resize an image (antialiased bilinear) or a mask (pixel-centred nearest, see the module docstring)."""
+    if tuple(inpt.shape[-2:]) == tuple(size):
+        return inpt
+    if isinstance(inpt, tv_tensors.Mask):
+        mask = inpt.as_subclass(torch.Tensor)
+        out = F.resize_image(mask.unsqueeze(0) if mask.ndim == 2 else mask, list(size),
+                             interpolation=v2.InterpolationMode.NEAREST_EXACT)
+        return tv_tensors.wrap(out.reshape(*mask.shape[:-2], *size), like=inpt)
+    return F.resize(inpt, size=list(size), antialias=True)
+
+
 def _image_size(flat_inputs: list[Any]) -> tuple[int, int]:
     for inpt in flat_inputs:
         if isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
@@ -96,10 +114,7 @@ class RandomScaleResize(_Transform):
         return {"size": rescale_size(h, w, self.scale, ratio)}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if tuple(inpt.shape[-2:]) == params["size"]:
-            return inpt
-        # the Mask kernel of F.resize always uses nearest interpolation
-        return self._call_kernel(F.resize, inpt, size=list(params["size"]), antialias=True)
+        return _resize(inpt, params["size"])
 
 
 class ScaleResize(_Transform):
@@ -117,9 +132,7 @@ class ScaleResize(_Transform):
         return {"size": rescale_size(h, w, self.scale)}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if tuple(inpt.shape[-2:]) == params["size"]:
-            return inpt
-        return self._call_kernel(F.resize, inpt, size=list(params["size"]), antialias=True)
+        return _resize(inpt, params["size"])
 
 
 class RandomCropPad(_Transform):
