@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..registry import create_attn
-from .fcn import ConvModule, DecodeHead, LayerSpec, resolve_act_layer, resolve_norm_layer
-from .isa import check_head_args, check_map
+from .fcn import ConvModule, DecodeHead, LayerSpec, check_head_args, check_map, resolve_act_layer, resolve_norm_layer
 
 __all__ = ["ANNHead"]
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.acm import ACM
-from .fcn import ConvModule, DecodeHead, LayerSpec, resolve_act_layer, resolve_norm_layer
+from .fcn import ConvModule, DecodeHead, LayerSpec, check_head_args, check_map, resolve_act_layer, resolve_norm_layer
 
 __all__ = ["APCHead"]
 
@@ -36,14 +36,10 @@ class APCHead(DecodeHead):
                  norm_layer: LayerSpec = nn.BatchNorm2d, act_layer: LayerSpec = nn.ReLU):
         super().__init__()
         name = type(self).__name__
-        for what, v in (("in_channels", in_channels), ("channels", channels), ("num_classes", num_classes)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: {what} must be a positive int, got {v!r}")
+        check_head_args(name, dropout, in_channels=in_channels, channels=channels, num_classes=num_classes)
         if (not isinstance(pool_scales, Sequence) or isinstance(pool_scales, str) or not pool_scales
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in pool_scales)):
             raise ValueError(f"{name}: pool_scales must be a non-empty sequence of positive ints, got {pool_scales!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
         self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
         self.pool_scales, self.fusion = tuple(pool_scales), bool(fusion)
         block_norm = resolve_norm_layer(norm_layer) or nn.BatchNorm2d
@@ -63,10 +59,7 @@ class APCHead(DecodeHead):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The (B, channels, H, W) features before dropout and the classifier."""
-        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{type(self).__name__} expects a non-empty (B, {self.in_channels}, H, W) feature "
-                             f"map, got {shape}")
+        check_map(self, x, self.in_channels)
         return self.bottleneck(torch.cat([x, *(acm(x) for acm in self.acm_modules)], dim=1))
 
     def extra_repr(self) -> str:

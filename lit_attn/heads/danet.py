@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..registry import create_attn
-from .fcn import ConvModule, LayerSpec, init_head_weights
+from .fcn import ConvModule, LayerSpec, check_head_args, check_map, init_head_weights
 
 __all__ = ["DAHead"]
 
@@ -38,12 +38,8 @@ class DAHead(nn.Module):
     def __init__(self, in_channels: int, channels: int, num_classes: int, *, pam_channels: int = 64,
                  dropout: float = 0.1, norm_layer: LayerSpec = nn.BatchNorm2d, act_layer: LayerSpec = nn.ReLU):
         super().__init__()
-        for what, v in (("in_channels", in_channels), ("channels", channels), ("num_classes", num_classes),
-                        ("pam_channels", pam_channels)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"DAHead: {what} must be a positive int, got {v!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"DAHead: dropout must be in [0, 1), got {dropout!r}")
+        check_head_args("DAHead", dropout, in_channels=in_channels, channels=channels, num_classes=num_classes,
+                        pam_channels=pam_channels)
         self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
         self.pam_channels = pam_channels
         self.extra_loss_weights: tuple[float, ...] = (1.0, 1.0)
@@ -71,14 +67,9 @@ class DAHead(nn.Module):
         self.pam_conv_seg.reset_parameters()
         self.cam_conv_seg.reset_parameters()
 
-    def _check(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"DAHead expects a (B, {self.in_channels}, H, W) feature map, got {shape}")
-
     def branch_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(pam_feat, cam_feat), each (B, channels, H, W): the two branches before dropout and classifiers."""
-        self._check(x)
+        check_map(self, x, self.in_channels)
         pam_feat = self.pam_out_conv(self.pam(self.pam_in_conv(x)))
         cam_feat = self.cam_out_conv(self.cam(self.cam_in_conv(x)))
         return pam_feat, cam_feat

@@ -11,8 +11,16 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import create_attn
-from .fcn import ConvModule, DecodeHead, LayerSpec, init_head_weights, resolve_act_layer, resolve_norm_layer
-from .isa import check_head_args, check_map
+from .fcn import (
+    ConvModule,
+    DecodeHead,
+    LayerSpec,
+    check_head_args,
+    check_map,
+    init_head_weights,
+    resolve_act_layer,
+    resolve_norm_layer,
+)
 
 __all__ = ["EMAHead"]
 

@@ -13,7 +13,25 @@ from torch import Tensor, nn
 
 from ..layers.conv_module import ConvModule, LayerSpec, resolve_act_layer, resolve_norm_layer
 
-__all__ = ["ConvModule", "DecodeHead", "FCNHead", "init_head_weights", "resolve_norm_layer", "resolve_act_layer"]
+__all__ = ["ConvModule", "DecodeHead", "FCNHead", "check_head_args", "check_map", "init_head_weights",
+           "resolve_norm_layer", "resolve_act_layer"]
+
+def check_head_args(name: str, dropout: float, **ints: int) -> None:
+    """ValueError naming the head unless every `ints` value is a positive int and dropout is in [0, 1)."""
+    for what, v in ints.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: {what} must be a positive int, got {v!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
+
+
+def check_map(head: nn.Module, x: Tensor, channels: int, what: str = "feature map") -> None:
+    """ValueError naming the head unless x is a non-empty (B, channels, H, W) tensor."""
+    if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != channels or 0 in x.shape:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{type(head).__name__} expects a (B, {channels}, H, W) {what} with B, H, W >= 1, "
+                         f"got {shape}")
+
 
 def init_head_weights(head: nn.Module, skip: tuple[nn.Module, ...] = ()) -> None:
     """mmseg's decode-head init: every ConvModule of `head` kaiming (fan_out) + norm (1, 0), `conv_seg`
@@ -68,17 +86,13 @@ class FCNHead(DecodeHead):
                  norm_layer: LayerSpec = nn.BatchNorm2d, act_layer: LayerSpec = nn.ReLU):
         super().__init__()
         name = type(self).__name__
-        for what, v in (("in_channels", in_channels), ("channels", channels), ("num_classes", num_classes)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: {what} must be a positive int, got {v!r}")
+        check_head_args(name, dropout, in_channels=in_channels, channels=channels, num_classes=num_classes)
         if not isinstance(num_convs, int) or num_convs < 0:
             raise ValueError(f"{name}: num_convs must be an int >= 0, got {num_convs!r}")
         if num_convs == 0 and in_channels != channels:
             raise ValueError(f"{name}: num_convs=0 needs in_channels == channels, got {in_channels} != {channels}")
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"{name}: kernel_size must be a positive odd int, got {kernel_size!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
         self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
         self.num_convs, self.kernel_size, self.concat_input = num_convs, kernel_size, bool(concat_input)
         conv_args = dict(kernel_size=kernel_size, dilation=dilation, norm_layer=norm_layer, act_layer=act_layer)
@@ -94,19 +108,13 @@ class FCNHead(DecodeHead):
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
         self.init_weights()
 
-    def _check(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{type(self).__name__} expects a (B, {self.in_channels}, H, W) feature map, "
-                             f"got {shape}")
-
     def context(self, x: Tensor) -> Tensor:
         """convs(x): the part of the head between the input and the concat (heads override this)."""
         return self.convs(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The (B, channels, H, W) features before dropout and the classifier."""
-        self._check(x)
+        check_map(self, x, self.in_channels)
         out = self.context(x)
         if self.concat_input:
             out = self.conv_cat(torch.cat([x, out], dim=1))

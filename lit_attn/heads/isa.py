@@ -9,26 +9,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..registry import create_attn
-from .fcn import ConvModule, DecodeHead, LayerSpec, resolve_act_layer, resolve_norm_layer
+from .fcn import ConvModule, DecodeHead, LayerSpec, check_head_args, check_map, resolve_act_layer, resolve_norm_layer
 
 __all__ = ["ISAHead"]
-
-
-def check_head_args(name: str, dropout: float, **ints: int) -> None:
-    """ValueError naming the head unless every `ints` value is a positive int and dropout is in [0, 1)."""
-    for what, v in ints.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}: {what} must be a positive int, got {v!r}")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
-
-
-def check_map(head: nn.Module, x: Tensor, channels: int, what: str = "feature map") -> None:
-    """ValueError naming the head unless x is a non-empty (B, channels, H, W) tensor."""
-    if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != channels or 0 in x.shape:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{type(head).__name__} expects a (B, {channels}, H, W) {what} with B, H, W >= 1, "
-                         f"got {shape}")
 
 
 class ISAHead(DecodeHead):

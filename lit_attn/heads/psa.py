@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.psanet import PSA_TYPES, PointwiseSpatialContext
-from .fcn import ConvModule, DecodeHead, LayerSpec
+from .fcn import ConvModule, DecodeHead, LayerSpec, check_head_args, check_map
 
 __all__ = ["PSAHead"]
 
@@ -53,9 +53,7 @@ class PSAHead(PointwiseSpatialContext, DecodeHead):
                  norm_layer: LayerSpec = nn.BatchNorm2d, act_layer: LayerSpec = nn.ReLU):
         super().__init__()
         name = type(self).__name__
-        for what, v in (("in_channels", in_channels), ("channels", channels), ("num_classes", num_classes)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: {what} must be a positive int, got {v!r}")
+        check_head_args(name, dropout, in_channels=in_channels, channels=channels, num_classes=num_classes)
         self.mask_size = _pair(f"{name}: mask_size", mask_size)
         if psa_type not in PSA_TYPES:
             raise ValueError(f"{name}: psa_type must be one of {PSA_TYPES}, got {psa_type!r}")
@@ -69,8 +67,6 @@ class PSAHead(PointwiseSpatialContext, DecodeHead):
             normalization_factor = float(mask_h * mask_w)
         if not normalization_factor > 0:
             raise ValueError(f"{name}: normalization_factor must be > 0 or None, got {normalization_factor!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
         self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
         self.psa_type, self.compact, self.shrink_factor = psa_type, False, shrink_factor
         self.normalization_factor, self.psa_softmax = float(normalization_factor), bool(psa_softmax)
@@ -98,9 +94,6 @@ class PSAHead(PointwiseSpatialContext, DecodeHead):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The (B, channels, H, W) features before dropout and the classifier."""
-        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels or 0 in x.shape:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{type(self).__name__} expects a non-empty (B, {self.in_channels}, H, W) feature "
-                             f"map, got {shape}")
+        check_map(self, x, self.in_channels)
         out = self.context(x)
         return self.bottleneck(torch.cat([x, out.to(x.dtype)], dim=1))
