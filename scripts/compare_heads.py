@@ -15,6 +15,7 @@ classes), seed 0; test/mIoU on the 300 test scenes. Cost: the mmseg R-50-D8 conf
 (tu-resnet50c, OS 8, mmseg's head widths, 19 classes) at 1x3x512x1024: parameters, forward GFLOPs
 (torch.utils.flop_counter), eval forward latency (median), and the peak extra memory of one training
 forward+backward at 1x3x512x1024 (CPU: resident high-water mark; CUDA: max_memory_allocated).
+Baseline: "fcn" is mmseg's FCN-D8 head (`attnfcn` with attention=None), the same head without any attention block.
 """
 from __future__ import annotations
 
@@ -45,11 +46,14 @@ MMSEG_CITYSCAPES_80K = {"danet": 79.34, "ccnet": 79.03, "isanet": 78.68, "emanet
 MMSEG_ADE20K_80K = {"danet": 41.66, "ccnet": 41.78, "isanet": 41.12, "nlnet": 40.75, "gcnet": 41.47,
                     "psanet": 41.14, "apcnet": 42.20, "ann": 41.01, "dnlnet": 41.76}
 FCN = {"cityscapes": 73.61, "ade20k": 35.94}
+BASELINE = "fcn"  # mmseg's FCN-D8 head: attnfcn without an attention block
 
 
 def create(arch: str, encoder: str, classes: int, **kwargs):
     import segmentation_models_pytorch as smp
 
+    if arch == BASELINE:
+        arch, kwargs = "attnfcn", {**kwargs, "attention": None}
     return smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=classes, **kwargs)
 
 
@@ -158,18 +162,20 @@ def report(path: Path) -> None:
                   "Encoder tu-resnet18 (random init), output stride 8, head width 128 (EMANet 64), AdamW 3e-3 with "
                   "poly + warm-up, batch 16, seed 0. One seed: differences of a few points are within run-to-run "
                   "noise on this small data set."
-                  + ("" if len(tr) == len(ARCHITECTURES) else
-                     f" **Partial: {len(tr)} of {len(ARCHITECTURES)} heads so far** (each takes about 6 CPU minutes "
-                     f"here); `python scripts/compare_heads.py train --epochs 3` resumes the rest."), "",
+                  + ("" if len(tr) == len(ARCHITECTURES) + 1 else
+                     f" **Partial: {len(tr)} of {len(ARCHITECTURES) + 1} runs so far** (each takes about 6 CPU "
+                     f"minutes here); `python scripts/compare_heads.py train --epochs 3` resumes the rest."), "",
                   "| head | test mIoU | pixel acc | params (M) | fit time (s) | mmseg Cityscapes 80k | "
                   "mmseg ADE20K 80k |", "|---|---:|---:|---:|---:|---:|---:|"]
         for arch, r in sorted(tr.items(), key=lambda kv: -kv[1]["test_miou"]):
             cs, ade = MMSEG_CITYSCAPES_80K.get(arch, "–"), MMSEG_ADE20K_80K.get(arch, "–")
             acc = f"{r['test_acc']:.3f}" if r.get("test_acc") is not None else "–"
-            lines.append(f"| `{arch}` | {r['test_miou']:.3f} | {acc} | {r['params_m']:.2f} | {r['fit_s']:.0f} | "
+            if arch == BASELINE:
+                cs, ade = FCN["cityscapes"], FCN["ade20k"]
+            lines.append(f"| {_label(arch)} | {r['test_miou']:.3f} | {acc} | {r['params_m']:.2f} | {r['fit_s']:.0f} | "
                          f"{cs} | {ade} |")
-        lines += ["", f"mmseg columns: published single-scale val mIoU of the R-50-D8 models (HEADS_REFERENCE.md), "
-                  f"for orientation only (FCN baseline {FCN['cityscapes']} / {FCN['ade20k']}).", ""]
+        lines += ["", "mmseg columns: published single-scale val mIoU of the R-50-D8 models (HEADS_REFERENCE.md), "
+                  "for orientation only.", ""]
     if co:
         lines += ["## Cost at 512x1024, mmseg R-50-D8 configuration (tu-resnet50c, OS 8, 19 classes)", "",
                   f"Machine: {next(iter(co.values()))['machine']}. Measured one head after the other on a shared "
@@ -178,7 +184,7 @@ def report(path: Path) -> None:
                   "train fwd+bwd peak B=1 (MB) |", "|---|---:|---:|---:|---:|---:|"]
         for arch, r in sorted(co.items()):
             batch = "" if r.get("train_batch", 1) == 1 else f" (B={r['train_batch']})"
-            lines.append(f"| `{arch}` | {r['params_m']:.2f} | {r['head_params_m']:.2f} | {r['gflops']:.0f} | "
+            lines.append(f"| {_label(arch)} | {r['params_m']:.2f} | {r['head_params_m']:.2f} | {r['gflops']:.0f} | "
                          f"{r['latency_ms']:.0f} | {r['train_peak_mb']:.0f}{batch} |")
         lines.append("")
     if ac:
@@ -191,10 +197,15 @@ def report(path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def _label(arch: str) -> str:
+    return f"`{arch}` (baseline: FCN-D8, no attention)" if arch == BASELINE else f"`{arch}`"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["train", "cost", "acceptance", "report"])
-    p.add_argument("--archs", default=",".join(ARCHITECTURES))
+    p.add_argument("--archs", default=None, help="comma-separated; default: every architecture (+ the fcn "
+                   "baseline for train and cost)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=3)
@@ -205,7 +216,9 @@ def main() -> None:
         save("meta", {**load("meta"), "train": f"{args.epochs} epochs, {machine(torch.device('cpu'))}"})
     if args.part != "report":
         results = {} if args.redo else load(args.part)
-        for arch in args.archs.split(","):
+        archs = args.archs.split(",") if args.archs else [*ARCHITECTURES] + (
+            [BASELINE] if args.part != "acceptance" else [])
+        for arch in archs:
             if arch in results:
                 continue
             if args.part == "train":
