@@ -11,11 +11,12 @@ Results are cached in runs/compare_heads/<part>.json (a re-run skips what is the
 repeat). Training: smp's "tu-resnet18" encoder (random init, output stride 8), every head with
 decoder_channels=128 (EMANet: 64, its mmseg ratio), AdamW lr 3e-3 with poly decay and warm-up (the
 quickstart recipe's schedule), batch 16, --epochs epochs of DigitsDataModule (64x64 scenes, 11
-classes), seed 0; test/mIoU on the 300 test scenes. Cost: the mmseg R-50-D8 configuration
-(tu-resnet50c, OS 8, mmseg's head widths, 19 classes) at 1x3x512x1024: parameters, forward GFLOPs
-(torch.utils.flop_counter), eval forward latency (median), and the peak extra memory of one training
-forward+backward at 1x3x512x1024 (CPU: resident high-water mark; CUDA: max_memory_allocated).
-Baseline: "fcn" is mmseg's FCN-D8 head (`attnfcn` with attention=None), the same head without any attention block.
+classes), seed 0 (`--seeds 0,1` adds repeats, cached as "<arch>@<seed>"); test/mIoU on the 300
+test scenes. Cost: the mmseg R-50-D8 configuration (tu-resnet50c, OS 8, mmseg's head widths, 19
+classes) at 1x3x512x1024: parameters, forward GFLOPs (torch.utils.flop_counter), eval forward
+latency (median), and the peak extra memory of one training forward+backward at 1x3x512x1024 (CPU:
+resident high-water mark; CUDA: max_memory_allocated). Baseline: "fcn" is mmseg's FCN-D8 head
+(`attnfcn` with attention=None), the same head without any attention block.
 """
 from __future__ import annotations
 
@@ -67,13 +68,13 @@ def save(part: str, data: dict) -> None:
     (CACHE / f"{part}.json").write_text(json.dumps(data, indent=1))
 
 
-def train(arch: str, epochs: int) -> dict:
+def train(arch: str, epochs: int, seed: int = 0) -> dict:
     import lightning as L
 
     from lit_attn.data import DigitsDataModule
     from lit_attn.tasks import SegmentationTask
 
-    L.seed_everything(0, verbose=False)
+    L.seed_everything(seed, verbose=False)
     width = 64 if arch == "emanet" else 128
     model = create(arch, "tu-resnet18", 11, decoder_channels=width)
     task = SegmentationTask(model, num_classes=11, optimizer="adamw", lr=3e-3, weight_decay=1e-4, warmup_iters=30,
@@ -157,23 +158,29 @@ def report(path: Path) -> None:
         lines += ["## Digits (embedded data), same budget for every head", "",
                   "Not run yet (about 1-2 CPU minutes per head and epoch on the 2-core machine): "
                   "`python scripts/compare_heads.py train --epochs 3`.", ""]
+    repeats: dict[str, list[float]] = {}
+    for key, r in tr.items():
+        if "@" in key:
+            repeats.setdefault(key.split("@")[0], []).append(r["test_miou"])
+    tr = {k: r for k, r in tr.items() if "@" not in k}
     if tr:
         lines += [f"## Digits (embedded data), same budget for every head: {meta.get('train', '')}", "",
                   "Encoder tu-resnet18 (random init), output stride 8, head width 128 (EMANet 64), AdamW 3e-3 with "
-                  "poly + warm-up, batch 16, seed 0. One seed: differences of a few points are within run-to-run "
-                  "noise on this small data set."
+                  "poly + warm-up, batch 16, seed 0; the 'other seeds' column repeats some heads with seeds 1, 2, "
+                  "... to show the run-to-run spread on this small data set and budget."
                   + ("" if len(tr) == len(ARCHITECTURES) + 1 else
                      f" **Partial: {len(tr)} of {len(ARCHITECTURES) + 1} runs so far** (each takes about 6 CPU "
                      f"minutes here); `python scripts/compare_heads.py train --epochs 3` resumes the rest."), "",
-                  "| head | test mIoU | pixel acc | params (M) | fit time (s) | mmseg Cityscapes 80k | "
-                  "mmseg ADE20K 80k |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| head | test mIoU | other seeds | pixel acc | params (M) | fit time (s) | mmseg Cityscapes 80k | "
+                  "mmseg ADE20K 80k |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for arch, r in sorted(tr.items(), key=lambda kv: -kv[1]["test_miou"]):
             cs, ade = MMSEG_CITYSCAPES_80K.get(arch, "–"), MMSEG_ADE20K_80K.get(arch, "–")
             acc = f"{r['test_acc']:.3f}" if r.get("test_acc") is not None else "–"
             if arch == BASELINE:
                 cs, ade = FCN["cityscapes"], FCN["ade20k"]
-            lines.append(f"| {_label(arch)} | {r['test_miou']:.3f} | {acc} | {r['params_m']:.2f} | {r['fit_s']:.0f} | "
-                         f"{cs} | {ade} |")
+            more = ", ".join(f"{v:.3f}" for v in repeats.get(arch, [])) or "–"
+            lines.append(f"| {_label(arch)} | {r['test_miou']:.3f} | {more} | {acc} | {r['params_m']:.2f} | "
+                         f"{r['fit_s']:.0f} | {cs} | {ade} |")
         lines += ["", "mmseg columns: published single-scale val mIoU of the R-50-D8 models (HEADS_REFERENCE.md), "
                   "for orientation only.", ""]
     if co:
@@ -207,6 +214,7 @@ def main() -> None:
     p.add_argument("--archs", default=None, help="comma-separated; default: every architecture (+ the fcn "
                    "baseline for train and cost)")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seeds", default="0", help="train: comma-separated seeds (0 is the main column)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--redo", action="store_true")
@@ -218,17 +226,20 @@ def main() -> None:
         results = {} if args.redo else load(args.part)
         archs = args.archs.split(",") if args.archs else [*ARCHITECTURES] + (
             [BASELINE] if args.part != "acceptance" else [])
+        seeds = [int(v) for v in args.seeds.split(",")] if args.part == "train" else [0]
         for arch in archs:
-            if arch in results:
-                continue
-            if args.part == "train":
-                results[arch] = train(arch, args.epochs)
-            elif args.part == "cost":
-                results[arch] = cost(arch, torch.device(args.device), args.reps)
-            else:
-                results[arch] = acceptance(arch)
-            print(arch, results[arch], flush=True)
-            save(args.part, results)
+            for seed in seeds:
+                key = arch if seed == 0 else f"{arch}@{seed}"
+                if key in results:
+                    continue
+                if args.part == "train":
+                    results[key] = train(arch, args.epochs, seed)
+                elif args.part == "cost":
+                    results[key] = cost(arch, torch.device(args.device), args.reps)
+                else:
+                    results[key] = acceptance(arch)
+                print(key, results[key], flush=True)
+                save(args.part, results)
     report(Path(args.out))
 
 
