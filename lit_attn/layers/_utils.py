@@ -4,17 +4,21 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
-def check_input(block: nn.Module, x: Tensor, channels: int) -> None:
-    """Raise a ValueError naming `block` unless x is a non-empty (B, channels, H, W) tensor."""
+def check_input(block: nn.Module, x: Tensor, channels: int, what: str | None = None) -> None:
+    """Raise a ValueError naming `block` (and the argument `what`, for blocks with several inputs) unless x
+    is a non-empty (B, channels, H, W) tensor."""
     name = type(block).__name__
     if not isinstance(x, Tensor) or x.ndim != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} expects a 4-D (B, C={channels}, H, W) tensor, got {shape}")
+        as_what = f"`{what}` as " if what else ""
+        raise ValueError(f"{name} expects {as_what}a 4-D (B, C={channels}, H, W) tensor, got {shape}")
     if x.shape[1] != channels:
-        raise ValueError(f"{name} was built for C={channels} channels, got an input with C={x.shape[1]} "
-                         f"(shape {tuple(x.shape)})")
+        built = (f"`{what}` with C={channels} channels, got C=" if what
+                 else f"C={channels} channels, got an input with C=")
+        raise ValueError(f"{name} was built for {built}{x.shape[1]} (shape {tuple(x.shape)})")
     if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"{name} got an empty input of shape {tuple(x.shape)}; B, H and W must be >= 1")
+        arg = f"`{what}`" if what else "input"
+        raise ValueError(f"{name} got an empty {arg} of shape {tuple(x.shape)}; B, H and W must be >= 1")
 
 
 def check_channels(block_name: str, channels: int, **divisors: int) -> None:

@@ -198,19 +198,11 @@ class AFNB(nn.Module):
 
     def check_inputs(self, low: Tensor, high: Tensor) -> None:
         """ValueError naming the block unless low is (B, low_channels, H', W') and high (B, channels, H, W)."""
-        name = type(self).__name__
-        for what, t, c in (("low", low, self.low_channels), ("high", high, self.channels)):
-            if not isinstance(t, Tensor) or t.ndim != 4:
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name} expects `{what}` as a 4-D (B, C={c}, H, W) tensor, got {shape}")
-            if t.shape[1] != c:
-                raise ValueError(f"{name} was built for `{what}` with C={c} channels, got C={t.shape[1]} "
-                                 f"(shape {tuple(t.shape)})")
-            if 0 in t.shape:
-                raise ValueError(f"{name} got an empty `{what}` of shape {tuple(t.shape)}; B, H and W must be >= 1")
+        check_input(self, low, self.low_channels, "low")
+        check_input(self, high, self.channels, "high")
         if low.shape[0] != high.shape[0]:
-            raise ValueError(f"{name}: `low` and `high` need the same batch size, got {tuple(low.shape)} "
-                             f"and {tuple(high.shape)}")
+            raise ValueError(f"{type(self).__name__}: `low` and `high` need the same batch size, got "
+                             f"{tuple(low.shape)} and {tuple(high.shape)}")
 
     def context(self, low: Tensor, high: Tensor) -> Tensor:
         """The attended context out_project(softmax(q k^T / sqrt(dk)) v), (B, out_channels, H, W)."""
