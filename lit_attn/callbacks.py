@@ -1,6 +1,9 @@
-"""Lightning callbacks: colour-coded mask writer for `predict`, and a W&B validation panel.
+"""Lightning callbacks: colour-coded mask writer for `predict`, a W&B validation panel, and (from
+`lit_attn.checkpoints`) `RunCheckpoint`, a ModelCheckpoint with one folder per run.
 
-`SegmentationMaskWriter` writes one palette PNG per predicted image (named after the input).
+`SegmentationMaskWriter` writes one palette PNG per predicted image at the input image's size, at the input's
+relative path under `output_dir` (`a/x.jpg` -> `a/x.png`; `a/x.jpg.png` and `a/x.png.png` where two inputs share
+a stem).
 `SegmentationPanel` logs, once per validation epoch, a few validation images with their
 ground-truth and predicted masks (wandb.Image masks), a per-pixel map of what each lit_attn
 block changed in the first image (||block(x) - x|| over channels, upsampled: where the
@@ -18,6 +21,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from .checkpoints import RunCheckpoint
 from .data.meta import voc_colormap
 from .registry import _REGISTRY
 
@@ -29,22 +33,42 @@ def _palette(trainer, n: int) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in c) for c in pal] if pal else voc_colormap(n)
 
 
+__all__ = ["RunCheckpoint", "SegmentationMaskWriter", "SegmentationPanel", "lit_attn_blocks"]
+
+
 class SegmentationMaskWriter(BasePredictionWriter):
-    """Write each prediction of `lit-attn predict` as a colour-coded palette PNG in `output_dir`."""
+    """Write each prediction of `lit-attn predict` as a colour-coded palette PNG `<output_dir>/<name>.png`, where
+    `name` is the sample's name (the input's path relative to the predicted folder, see the module docstring).
+    Refuses a name that leaves `output_dir` and two predictions of one run under the same name."""
 
     def __init__(self, output_dir: str = "predictions"):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
+        self._written: set[Path] = set()
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._written = set()
+
+    def target(self, name: str) -> Path:
+        root = self.output_dir.absolute()
+        path = (root / f"{name}.png").resolve()
+        if root.resolve() not in path.parents:
+            raise ValueError(f"SegmentationMaskWriter: prediction name {name!r} leads outside {self.output_dir}")
+        if path in self._written:
+            raise ValueError(f"SegmentationMaskWriter: two predictions are named {name!r}; names must be unique")
+        self._written.add(path)
+        return path
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        preds = prediction["pred"].cpu().numpy().astype(np.uint8)
+        preds = prediction["pred"]
         names = prediction.get("name") or [f"{batch_idx:06d}_{i}" for i in range(len(preds))]
         flat = [v for rgb in _palette(trainer, pl_module.num_classes) for v in rgb]
         for pred, name in zip(preds, names, strict=True):
-            img = Image.fromarray(pred, mode="P")
+            path = self.target(str(name))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img = Image.fromarray(pred.cpu().numpy().astype(np.uint8), mode="P")
             img.putpalette(flat)
-            img.save(self.output_dir / f"{Path(str(name)).stem}.png")
+            img.save(path)
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -79,7 +103,7 @@ class SegmentationPanel(Callback):
                  for p, g in zip(outputs[: self.num_images], batch["mask"][: self.num_images], strict=True)]
         trainer.logger.log_image("val/predictions", images=[_to_uint8(i) for i in images], masks=masks,
                                  step=trainer.global_step)
-        maps, captions = self.attention_maps(pl_module, images[:1])
+        maps, captions = self.attention_maps(pl_module, images[0][None])
         if maps:
             trainer.logger.log_image("val/attention", images=maps, caption=captions, step=trainer.global_step)
 

@@ -6,6 +6,7 @@ timm's `create_attn` does; `list_attn()` lists the names, filtered by kind/famil
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,11 +67,20 @@ def register_attn(name: str, *, family: str, kind: str, paper: str, year: int, a
     return add(cls) if cls is not None else add
 
 
+def suggest(name: str, names=None) -> str:
+    """'did you mean ...?' with the registered names (or `names`) close to `name`; all of them if none is."""
+    names = sorted(_REGISTRY) if names is None else sorted(names)
+    close = difflib.get_close_matches(str(name).lower(), names, n=4)
+    if close:
+        return f"did you mean {', '.join(map(repr, close))}? (all names: lit_attn.list_attn())"
+    return f"known: {', '.join(names)}"
+
+
 def get_attn_entry(name: str) -> AttnEntry:
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
-        raise KeyError(f"unknown attention block {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise KeyError(f"unknown attention block {name!r}; {suggest(name)}") from None
 
 
 def is_attn(name: str) -> bool:

@@ -74,7 +74,7 @@ trainer:
     class_path: lightning.pytorch.loggers.WandbLogger
     init_args: {{project: lit-attn, name: {name}, save_dir: {run}, offline: true}}
   callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+    - class_path: lit_attn.callbacks.RunCheckpoint
       init_args: {{dirpath: {run}/checkpoints, filename: "best-{{step}}", monitor: val/mIoU, mode: max,
                   save_last: true}}
     - class_path: lightning.pytorch.callbacks.LearningRateMonitor

@@ -1,5 +1,8 @@
 """Shared test utilities (imported by the test modules; pytest puts tests/ on sys.path)."""
+from pathlib import Path
+
 import torch
+import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -17,3 +20,40 @@ class MaxNumel(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.max_numel = max(self.max_numel, t.numel())
         return out
+
+
+def tiny_config(tmp: Path, digits_root: str, logger: str = "wandb", **trainer) -> Path:
+    """A small but complete config: digits data, an attention segmentor, checkpoints, panel, writer."""
+    run = tmp / "run"
+    loggers = {
+        "wandb": {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                  "init_args": {"project": "test", "save_dir": str(run), "offline": True}},
+        "csv": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(run), "name": "csv"}},
+    }
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "val_check_interval": 3,
+                    "check_val_every_n_epoch": None, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "logger": loggers[logger],
+                    "callbacks": [
+                        {"class_path": "lit_attn.callbacks.RunCheckpoint",
+                         "init_args": {"dirpath": str(run / "ckpt"), "filename": "best", "monitor": "val/mIoU",
+                                       "mode": "max", "save_last": True}},
+                        {"class_path": "lit_attn.callbacks.SegmentationPanel", "init_args": {"num_images": 2}},
+                        {"class_path": "lit_attn.callbacks.SegmentationMaskWriter",
+                         "init_args": {"output_dir": str(run / "pred")}}],
+                    **trainer},
+        "model": {"class_path": "lit_attn.tasks.SegmentationTask",
+                  "init_args": {"model": {"class_path": "lit_attn.heads.AttnSegmentor",
+                                          "init_args": {"encoder": "resnet10t", "num_classes": 11,
+                                                        "attention": "psa_p", "channels": 32, "aux_channels": 16}},
+                                "optimizer": "adamw", "lr": 0.002, "weight_decay": 0.0}},
+        "data": {"class_path": "lit_attn.data.DigitsDataModule",
+                 "init_args": {"root": digits_root, "num_train": 48, "num_val": 8, "num_test": 7, "image_size": 32,
+                               "digit_size": [10, 18],
+                               "batch_size": 8, "eval_batch_size": 2}},
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

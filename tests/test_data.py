@@ -2,6 +2,7 @@
 transforms and the DDP evaluation sampler."""
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import random
@@ -374,7 +375,7 @@ def test_predict_root_and_eval_sampler(tmp_path, monkeypatch):
         _rgb(10, 12).save(tmp_path / "pred" / f"{name}.png")
     dm = VOCDataModule(str(tmp_path / "voc"), num_workers=0, predict_root=str(tmp_path / "pred"), test_scale=24)
     dm.setup("predict")
-    assert dm.predict_dataset.names == ["z", "x", "y"]  # recursive, sorted by path
+    assert dm.predict_dataset.names == ["sub/z", "x", "y"]  # recursive, sorted by path, relative names
     s = dm.predict_dataset[2]
     assert s["name"] == "y" and "mask" not in s and s["orig_size"].tolist() == [10, 12]
     assert s["image"].shape == (3, 20, 24)  # fits 24x24, aspect ratio kept
@@ -415,7 +416,11 @@ def test_imagefolder_datamodule(tmp_path):
         ImageFolderDataModule(str(tmp_path / "only_train")).setup("fit")
 
 
-def _write_cifar(root: Path, version: int) -> None:
+def _write_cifar(root: Path, version: int) -> dict[str, str]:
+    """Random CIFAR files; returns their {file: md5} table (CIFARDataModule refuses files whose md5 is not in
+    its `checksums`, by default the official ones). Protocol 4 pickles arrays with the numpy globals the loader
+    allows (protocol 5's `_frombuffer` is not on its allow-list)."""
+
     def batch(n):
         key = "labels" if version == 10 else "fine_labels"
         return {"data": RNG.integers(0, 256, (n, 3072), dtype=np.uint8), key: RNG.integers(0, version, n).tolist()}
@@ -430,15 +435,17 @@ def _write_cifar(root: Path, version: int) -> None:
         d.mkdir(parents=True)
         files = {"train": batch(4), "test": batch(3), "meta": {"fine_label_names": [f"c{i}" for i in range(100)]}}
     for name, obj in files.items():
-        (d / name).write_bytes(pickle.dumps(obj))
+        (d / name).write_bytes(pickle.dumps(obj, protocol=4))
+    return {name: hashlib.md5((d / name).read_bytes()).hexdigest() for name in files}
 
 
 @pytest.mark.parametrize("version", [10, 100])
 def test_cifar_datamodule(tmp_path, version):
     with pytest.raises(FileNotFoundError, match=f"CIFAR-{version} root .* is missing"):
         CIFARDataModule(str(tmp_path), version=version).setup("fit")
-    _write_cifar(tmp_path, version)
+    checksums = _write_cifar(tmp_path, version)
     dm = CIFARDataModule(str(tmp_path), version=version, batch_size=2, num_workers=0)
+    dm.checksums = {version: checksums}
     assert dm.num_classes == version and len(dm.class_names) == version
     dm.setup("fit")
     assert len(dm.train_dataset) == (10 if version == 10 else 4) and len(dm.val_dataset) == 3

@@ -97,11 +97,13 @@ def test_whitening_cancels_query_and_key_biases(mode):
 
 
 def test_whitening_biases_get_no_gradient():
-    blk = randomise(DisentangledNonLocal2d(32, mode="mmseg")).train()
-    x = torch.randn(2, 32, 6, 7)
-    (blk(x) * torch.randn(2, 32, 6, 7)).sum().backward()
+    # float64: the gradient is zero in exact arithmetic; in float32 its rounding noise (~1e-5) depends on the
+    # torch build's kernels
+    blk = randomise(DisentangledNonLocal2d(32, mode="mmseg", dtype=torch.float64)).train()
+    x = torch.randn(2, 32, 6, 7, dtype=torch.float64)
+    (blk(x) * torch.randn(2, 32, 6, 7, dtype=torch.float64)).sum().backward()
     for name in blk.no_grad_params:
-        assert blk.get_parameter(name).grad.abs().max() < 1e-5
+        assert blk.get_parameter(name).grad.abs().max() < 1e-10
     assert blk.theta.conv.weight.grad.abs().max() > 1e-3
 
 

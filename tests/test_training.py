@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import tiny_config
 from PIL import Image
 
 from lit_attn.cli import cli_main
@@ -27,49 +28,6 @@ def _wandb_env(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture(scope="session")
-def digits_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    return str(root)
-
-
-def tiny_config(tmp: Path, digits_root: str, logger: str = "wandb", **trainer) -> Path:
-    """A small but complete config: digits data, an attention segmentor, checkpoints, panel, writer."""
-    run = tmp / "run"
-    loggers = {
-        "wandb": {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                  "init_args": {"project": "test", "save_dir": str(run), "offline": True}},
-        "csv": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(run), "name": "csv"}},
-    }
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "val_check_interval": 3,
-                    "check_val_every_n_epoch": None, "log_every_n_steps": 1, "enable_progress_bar": False,
-                    "logger": loggers[logger],
-                    "callbacks": [
-                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                         "init_args": {"dirpath": str(run / "ckpt"), "filename": "best", "monitor": "val/mIoU",
-                                       "mode": "max", "save_last": True, "enable_version_counter": False}},
-                        {"class_path": "lit_attn.callbacks.SegmentationPanel", "init_args": {"num_images": 2}},
-                        {"class_path": "lit_attn.callbacks.SegmentationMaskWriter",
-                         "init_args": {"output_dir": str(run / "pred")}}],
-                    **trainer},
-        "model": {"class_path": "lit_attn.tasks.SegmentationTask",
-                  "init_args": {"model": {"class_path": "lit_attn.heads.AttnSegmentor",
-                                          "init_args": {"encoder": "resnet10t", "num_classes": 11,
-                                                        "attention": "psa_p", "channels": 32, "aux_channels": 16}},
-                                "optimizer": "adamw", "lr": 0.002, "weight_decay": 0.0}},
-        "data": {"class_path": "lit_attn.data.DigitsDataModule",
-                 "init_args": {"root": digits_root, "num_train": 48, "num_val": 8, "num_test": 7, "image_size": 32,
-                               "digit_size": [10, 18],
-                               "batch_size": 8, "eval_batch_size": 2}},
-    }
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_print_config_of_every_recipe(recipe, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -82,7 +40,7 @@ def test_fit_test_predict_with_wandb_offline(tmp_path, digits_root):
     cfg = tiny_config(tmp_path, digits_root)
     cli = cli_main(["fit", "--config", str(cfg)])
     assert cli.trainer.global_step == 6
-    ckpt = tmp_path / "run" / "ckpt"
+    ckpt = tmp_path / "run" / "ckpt" / "version_0"
     assert (ckpt / "best.ckpt").exists() and (ckpt / "last.ckpt").exists()
     state = torch.load(ckpt / "last.ckpt", weights_only=True, map_location="cpu")
     assert state["hyper_parameters"]["model"]["class_path"] == "lit_attn.heads.AttnSegmentor"

@@ -1,6 +1,12 @@
 """Data for lit_attn: segmentation / classification DataModules, datasets read from their real on-disk layouts,
 joint image/mask transforms, and the embedded digits-scenes default (docs/TRAINING_CONTRACTS.md)."""
-from .classification import CIFARDataModule, ClassificationDataModule, DictDataset, ImageFolderDataModule
+from .classification import (
+    ChecksumError,
+    CIFARDataModule,
+    ClassificationDataModule,
+    DictDataset,
+    ImageFolderDataModule,
+)
 from .datasets import (
     ADE20KSegmentation,
     CityscapesSegmentation,
@@ -16,6 +22,7 @@ from .segmentation import (
     CityscapesDataModule,
     SegmentationDataModule,
     VOCDataModule,
+    collate_eval,
     eval_sampler,
 )
 from .transforms import SegmentationTransform, build_eval_transform, build_train_transform
@@ -24,6 +31,7 @@ __all__ = [
     "ADE20KDataModule",
     "ADE20KSegmentation",
     "CIFARDataModule",
+    "ChecksumError",
     "CityscapesDataModule",
     "CityscapesSegmentation",
     "ClassificationDataModule",
@@ -40,6 +48,7 @@ __all__ = [
     "VOCSegmentation",
     "build_eval_transform",
     "build_train_transform",
+    "collate_eval",
     "default_digits_root",
     "eval_sampler",
     "generate_digits_voc",

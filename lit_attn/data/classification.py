@@ -1,24 +1,32 @@
 """Classification DataModules: ImageFolder and CIFAR-10/100 from local files (never downloaded).
 
 Batches: ``{"image": (B, 3, H, W) float, "label": (B,) long}`` (docs/TRAINING_CONTRACTS.md).
+
+CIFAR's python archives are pickles, and unpickling runs whatever code a file names: every CIFAR file is checked
+against the official md5 before anything is unpickled (:class:`ChecksumError` otherwise), and is then unpickled
+through an allow-list that admits only numpy array reconstruction and plain containers.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
 from . import meta
-from .datasets import CorruptImageError
+from .datasets import CorruptImageError, load_image
 from .segmentation import eval_sampler
 
-__all__ = ["CIFAR_LAYOUT", "IMAGEFOLDER_LAYOUT", "CIFARDataModule", "ClassificationDataModule", "DictDataset",
-           "ImageFolderDataModule"]
+__all__ = ["CIFAR_LAYOUT", "CIFAR_MD5", "IMAGEFOLDER_LAYOUT", "CIFARDataModule", "ChecksumError",
+           "ClassificationDataModule", "DictDataset", "ImageFolderDataModule"]
 
 IMAGEFOLDER_LAYOUT = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg (optional <root>/test/<class>/...)"
 CIFAR_LAYOUT = (
@@ -158,33 +166,114 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def make_dataset(self, split: str) -> Dataset:
         d = self._split_dir(split)
-        ds = ImageFolder(str(d), transform=self.transform(split == "train"))
+        try:
+            ds = ImageFolder(str(d), transform=self.transform(split == "train"), loader=_load_rgb)
+        except FileNotFoundError as e:  # torchvision's message names neither the split nor the folder
+            raise FileNotFoundError(f"ImageFolder split {split!r} ({d}): {e}; expected {IMAGEFOLDER_LAYOUT}") from e
         if ds.classes != self.class_names:
             raise FileNotFoundError(f"ImageFolder {d} has classes {ds.classes[:5]}... but train/ has "
                                     f"{self.class_names[:5]}...: the split folders must hold the same classes")
         return DictDataset(ds)
 
 
+def _load_rgb(path: str) -> Image.Image:
+    """ImageFolder loader: :func:`~lit_attn.data.datasets.load_image` (16-bit / float images scaled to 8 bits,
+    not clipped as by ``convert("RGB")``)."""
+    return Image.fromarray(load_image(path))
+
+
+class ChecksumError(ValueError):
+    """A data file whose checksum is not the official one (its path, both checksums and the remedy are in the
+    message)."""
+
+
+# The official md5 of every file of the extracted python archives (torchvision's tables).
+CIFAR_MD5: dict[int, dict[str, str]] = {
+    v: {**dict(c.train_list), **dict(c.test_list), c.meta["filename"]: c.meta["md5"]}
+    for v, c in ((10, CIFAR10), (100, CIFAR100))
+}
+
+# What CIFAR's pickles (Python 2 cPickle, protocol 2: dicts of byte strings, int lists and one uint8 array) name,
+# under their py2 and their numpy 1.x / 2.x module names; plain containers only besides numpy's array rebuilding.
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    *((m, n) for m in ("builtins", "__builtin__") for n in ("dict", "list", "tuple", "set", "frozenset", "bytes",
+                                                            "bytearray", "str", "int", "float", "bool")),
+}
+
+
+class _CIFARUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed (only numpy arrays and containers)")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: str) -> dict:
+    with open(path, "rb") as f:
+        try:
+            entry = _CIFARUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"refusing to unpickle CIFAR file {path}: {e}; re-extract the official "
+                                         f"archive") from e
+    if not isinstance(entry, dict):
+        raise ValueError(f"CIFAR file {path} holds a {type(entry).__name__}, not a dict; re-extract the official "
+                         f"archive")
+    return entry
+
+
+def _md5(path: str | os.PathLike) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class _LocalCIFAR10(CIFAR10):
-    """CIFAR10 without the md5 checks (file presence only) so it works with any local copy; never downloads."""
+    """torchvision's CIFAR10 (``__getitem__``, ``__len__``), never downloading, its files unpickled through the
+    allow-list of :class:`_CIFARUnpickler`. The md5 check is :meth:`CIFARDataModule.verify`'s, done once per setup
+    before any of these is built."""
 
-    train_list = [[name, None] for name, _ in CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in CIFAR10.test_list]
-    meta = {**CIFAR10.meta, "md5": None}
+    def __init__(self, root: str, train: bool = True, transform: Callable | None = None) -> None:
+        super(CIFAR10, self).__init__(root, transform=transform)  # VisionDataset's: CIFAR10's would unpickle
+        self.train = train
+        data, self.targets = [], []
+        for name, _ in self.train_list if train else self.test_list:
+            path = os.path.join(self.root, self.base_folder, name)
+            entry = _unpickle(path)
+            x, y = entry.get("data"), entry.get("labels", entry.get("fine_labels"))
+            if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072
+                    and isinstance(y, list) and len(y) == len(x)):
+                raise ValueError(f"CIFAR file {path} lacks a uint8 (N, 3072) 'data' array with N labels; "
+                                 f"re-extract the official archive")
+            data.append(x)
+            self.targets.extend(y)
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # HWC
+        self._load_meta()
+
+    def _load_meta(self) -> None:
+        self.classes = _unpickle(os.path.join(self.root, self.base_folder, self.meta["filename"]))[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
-class _LocalCIFAR100(CIFAR100):
-    train_list = [[name, None] for name, _ in CIFAR100.train_list]
-    test_list = [[name, None] for name, _ in CIFAR100.test_list]
-    meta = {**CIFAR100.meta, "md5": None}
+class _LocalCIFAR100(_LocalCIFAR10, CIFAR100):
+    """:class:`_LocalCIFAR10`'s loading with CIFAR-100's folder and file lists."""
 
 
 class CIFARDataModule(ClassificationDataModule):
     """CIFAR-10 (``version=10``) or CIFAR-100 (``version=100``) from the extracted python-pickle archives under
     ``root`` (``root/cifar-10-batches-py`` / ``root/cifar-100-python``; ``root`` may also be that folder), read
-    with torchvision's CIFAR10/CIFAR100 (``download=False``). The 50,000 training images train; the 10,000 test
+    with torchvision's CIFAR10/CIFAR100 (never downloaded). The 50,000 training images train; the 10,000 test
     images serve as validation and test set (the usual CIFAR protocol). Transforms: training
-    ``RandomCrop(32, padding=4, reflect)`` + flip, then (if ``img_size != 32``) a resize; CIFAR mean/std."""
+    ``RandomCrop(32, padding=4, reflect)`` + flip, then (if ``img_size != 32``) a resize; CIFAR mean/std.
+
+    ``setup`` first checks the md5 of every file against :attr:`checksums` (default: the official ones,
+    :data:`CIFAR_MD5`) and raises :class:`ChecksumError` on a mismatch, before anything is unpickled (a pickle
+    can run arbitrary code); the files are then unpickled through an allow-list (numpy arrays, containers)."""
+
+    checksums: dict[int, dict[str, str]] = CIFAR_MD5
 
     def __init__(self, root: str, version: int = 10, batch_size: int = 128, num_workers: int = 4,
                  img_size: int = 32, eval_batch_size: int | None = None, pin_memory: bool = False) -> None:
@@ -209,11 +298,33 @@ class CIFARDataModule(ClassificationDataModule):
         if not folder.is_dir():
             raise FileNotFoundError(f"CIFAR-{self.version} root {root} is missing {cls.base_folder}/; "
                                     f"expected {CIFAR_LAYOUT}")
-        for name, _ in [*cls.train_list, *cls.test_list, [cls.meta["filename"], None]]:
+        for name in self._files():
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"CIFAR-{self.version} root {root} is missing {cls.base_folder}/{name}; "
                                         f"expected {CIFAR_LAYOUT}")
         return root
+
+    def _files(self) -> list[str]:
+        cls = self._cls()
+        return [name for name, _ in [*cls.train_list, *cls.test_list]] + [cls.meta["filename"]]
+
+    def verify(self, root: Path) -> None:
+        """Check every file's md5 against ``self.checksums`` (all of them, before any is unpickled)."""
+        cls = self._cls()
+        table = self.checksums.get(self.version, {})
+        for name in self._files():
+            path = root / cls.base_folder / name
+            expected, found = table.get(name), _md5(path)
+            if found != expected:
+                raise ChecksumError(
+                    f"CIFAR-{self.version} file {path} has md5 {found}, expected {expected or '(none listed)'} "
+                    f"(the official file's): refusing to unpickle it (a modified pickle can run arbitrary code). "
+                    f"Re-extract the official archive {cls.url} (md5 {cls.tgz_md5}) into {root}"
+                )
+
+    def setup(self, stage: str | None = None) -> None:
+        self.verify(self._resolve_root())  # once per setup, before any dataset is built
+        super().setup(stage)
 
     def transform(self, train: bool) -> Callable:
         v = self.version
@@ -225,6 +336,5 @@ class CIFARDataModule(ClassificationDataModule):
 
     def make_dataset(self, split: str) -> Dataset:
         root = self._resolve_root()
-        ds = self._cls()(str(root), train=split == "train", transform=self.transform(split == "train"),
-                         download=False)
+        ds = self._cls()(str(root), train=split == "train", transform=self.transform(split == "train"))
         return DictDataset(ds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -68,12 +69,36 @@ class InvalidLabelError(ValueError):
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image to an ``(H, W, 3)`` uint8 array; :class:`CorruptImageError` if it cannot be decoded."""
+    """Decode an image to an ``(H, W, 3)`` uint8 array; :class:`CorruptImageError` if it cannot be decoded.
+
+    8-bit images go through Pillow's ``convert("RGB")`` (bit-identical to it). Single-channel high-bit-depth
+    images, which ``convert`` would clip, are scaled: 16-bit values (modes ``I;16*``, and ``I`` with values in
+    0..65535) keep their high byte, ``v >> 8``, the rule Pillow itself applies to 48-bit RGB PNGs and 16-bit RGB
+    TIFFs (and cv2's 8-bit reading), so a picture decodes alike stored grey or RGB; float images (mode ``F``) must
+    hold values in [0, 1] and become ``round(255 * v)``. Other ranges (``I`` outside 0..65535, ``F`` outside [0, 1]
+    or NaN) raise :class:`CorruptImageError` rather than guess a scale.
+    """
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+            mode = im.mode
+            if mode not in ("I", "F") and not mode.startswith("I;16"):
+                return np.array(im.convert("RGB"))
+            arr = np.asarray(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"corrupt or unreadable image {path}: {e}") from e
+    if arr.dtype.kind == "f":
+        lo, hi = float(arr.min()), float(arr.max())
+        if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
+            raise CorruptImageError(f"image {path} has mode {mode!r} (float) with values in [{lo:g}, {hi:g}]; "
+                                    f"expected values in [0, 1] (scaled by 255): convert it to 8 or 16 bits")
+        gray = np.round(arr.astype(np.float64) * 255).astype(np.uint8)
+    else:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise CorruptImageError(f"image {path} has mode {mode!r} with values in [{lo}, {hi}]; only 8-bit and "
+                                    f"16-bit (0..65535) images are supported: convert it to 8 or 16 bits")
+        gray = (arr.astype(np.uint16) >> 8).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)  # as convert("RGB") does for grey
 
 
 def load_label(path: str | os.PathLike, lut: np.ndarray | None = None, valid: str = "") -> np.ndarray:
@@ -153,11 +178,9 @@ class SegmentationDataset(Dataset):
         img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())
         msk = tv_tensors.Mask(torch.from_numpy(mask)) if mask is not None else None
         img_t, msk_t = self.transform(img, msk)
-        out = {"image": img_t, "name": self.samples[index][2]}
+        out = {"image": img_t, "name": self.samples[index][2], "orig_size": torch.tensor([h, w])}
         if msk_t is not None:
             out["mask"] = msk_t
-        else:
-            out["orig_size"] = torch.tensor([h, w])
         return out
 
 
@@ -205,7 +228,8 @@ def find_voc_root(root: str | os.PathLike) -> Path:
 class VOCSegmentation(SegmentationDataset):
     """Pascal VOC 2012 segmentation (also the layout of the embedded digits data).
 
-    ``split`` names a list ``ImageSets/Segmentation/<split>.txt``; labels come from ``SegmentationClass`` or, for
+    ``split`` names a list ``ImageSets/Segmentation/<split>.txt`` (a missing or empty list raises
+    ``FileNotFoundError`` naming the split and the file); labels come from ``SegmentationClass`` or, for
     splits ending in ``aug`` (``train_aug``), from ``SegmentationClassAug``. A ``test`` split without labels is
     loaded unlabelled (no "mask"). Valid label values: ``0..num_classes-1`` and 255 (VOC's boundary, kept as
     ignore).
@@ -216,10 +240,14 @@ class VOCSegmentation(SegmentationDataset):
         self.root = voc_dir = find_voc_root(root)
         list_file = voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not list_file.is_file():
-            raise _missing(kind, voc_dir, f"ImageSets/Segmentation/{split}.txt", VOC_LAYOUT)
+            raise _missing(kind, voc_dir, f"ImageSets/Segmentation/{split}.txt (the list of split {split!r})",
+                           VOC_LAYOUT)
         label_dir_name = "SegmentationClassAug" if split.endswith("aug") else "SegmentationClass"
         label_dir = voc_dir / label_dir_name
         stems = _read_list(list_file)
+        if not stems:  # else validate/test "succeed" on nothing and fit fails inside torch's sampler
+            raise FileNotFoundError(f"{kind} split {split!r}: its list {list_file} names no images (no non-blank "
+                                    f"line); expected one image id a line; layout: {VOC_LAYOUT}")
         images = [voc_dir / "JPEGImages" / f"{s}.jpg" for s in stems]
         labels = [label_dir / f"{s}.png" for s in stems]
         for p in images:
@@ -301,7 +329,11 @@ class ADE20KSegmentation(SegmentationDataset):
 
 
 class ImageFolderPredictDataset(SegmentationDataset):
-    """All images under ``root`` (recursive, sorted) for prediction: ``{"image", "name", "orig_size"}``."""
+    """All images under ``root`` (recursive, sorted) for prediction: ``{"image", "name", "orig_size"}``.
+
+    ``name`` is the image's path relative to ``root`` without its extension (``a/x.jpg`` -> ``a/x``), or with it
+    where several images of one folder share a stem (``x.jpg`` and ``x.png`` -> ``x.jpg`` and ``x.png``), so that
+    names are unique (case-insensitively, for case-insensitive file systems)."""
 
     def __init__(self, root: str | os.PathLike, transform: Transform | None = None) -> None:
         root = Path(root).expanduser()
@@ -312,4 +344,8 @@ class ImageFolderPredictDataset(SegmentationDataset):
         if not files:
             raise FileNotFoundError(f"predict root {root} contains no images ({', '.join(IMG_EXTENSIONS)})")
         self.root = root
-        super().__init__([(str(p), None, p.stem) for p in files], None, transform)
+        rel = [p.relative_to(root) for p in files]
+        stems = Counter(r.with_suffix("").as_posix().lower() for r in rel)
+        names = [(r if stems[r.with_suffix("").as_posix().lower()] > 1 else r.with_suffix("")).as_posix()
+                 for r in rel]
+        super().__init__([(str(p), None, n) for p, n in zip(files, names, strict=True)], None, transform)

@@ -13,7 +13,7 @@ palette PNGs of class indices, ``ImageSets/Segmentation/{train,val,test}.txt``) 
 generator version, the source digit indices of every scene), to::
 
     <root>/<version-key>/            root: the `root` argument, else $LIT_ATTN_DATA/digits_voc,
-                                           else ~/.cache/lit_attn/digits_voc
+                                           else ${XDG_CACHE_HOME:-~/.cache}/lit_attn/digits_voc
 
 where ``<version-key>`` hashes the generator version and parameters, so changing a parameter (or the generator)
 generates a new folder. Generation writes to a temporary folder and renames it atomically, so concurrent
@@ -48,11 +48,24 @@ SOURCE_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 
 
 def default_digits_root() -> Path:
-    """``$LIT_ATTN_DATA/digits_voc`` if the variable is set, else ``~/.cache/lit_attn/digits_voc``."""
+    """``$LIT_ATTN_DATA/digits_voc`` if the variable is set, else ``$XDG_CACHE_HOME/lit_attn/digits_voc`` (cache
+    home ``~/.cache`` if that is unset or empty, as for the environment of scripts/with_env.sh)."""
     base = os.environ.get("LIT_ATTN_DATA")
     if base:
         return Path(base).expanduser() / "digits_voc"
-    return Path("~/.cache/lit_attn/digits_voc").expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(cache).expanduser() / "lit_attn" / "digits_voc"
+
+
+def _check_root(root: Path) -> None:
+    """A clear error if ``root`` or the nearest existing folder above it is a file (mkdir's would not name it)."""
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == root else f": {p}"
+                raise NotADirectoryError(f"digits root {root}{where} is a file, not a folder; pass a folder as "
+                                         f"`root` (or set LIT_ATTN_DATA) for the generated scenes")
+            return
 
 
 def _source_pools(targets: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -200,6 +213,7 @@ def generate_digits_voc(root: str | os.PathLike | None = None, num_train: int = 
     final = root / _version_key(p)
     if (final / "meta.json").is_file():
         return final
+    _check_root(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -220,7 +234,8 @@ class DigitsDataModule(SegmentationDataModule):
 
     Generator args (``num_train``, ``num_val``, ``num_test``, ``image_size``, ``digit_size``, ``digits_per_image``,
     ``background``, ``label_threshold``, ``seed``) are described in the module docstring; ``root`` is the cache
-    folder (default ``$LIT_ATTN_DATA/digits_voc`` or ``~/.cache/lit_attn/digits_voc``).
+    folder (default ``$LIT_ATTN_DATA/digits_voc``, else ``${XDG_CACHE_HOME:-~/.cache}/lit_attn/digits_voc``; a
+    file there raises ``NotADirectoryError`` naming it).
 
     Training augmentation is OFF by default (``ratio_range=None``, ``photometric=False``, ``hflip_prob=0``; the crop
     equals the scene): for the few-minute CPU budget it only slows learning. Measured with an smp Unet (resnet18,

@@ -13,7 +13,7 @@ import os
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from . import meta
 from .datasets import (
@@ -30,8 +30,20 @@ __all__ = [
     "CityscapesDataModule",
     "SegmentationDataModule",
     "VOCDataModule",
+    "collate_eval",
     "eval_sampler",
 ]
+
+
+def collate_eval(samples: list[dict]) -> dict:
+    """Collate evaluation / prediction samples: stacked tensors when every image (and mask) has one size, else
+    lists of per-sample tensors (the tasks then run the model one image at a time) and stacked ``orig_size``."""
+    if all(len({tuple(s[k].shape) for s in samples if k in s}) <= 1 for k in ("image", "mask")):
+        return default_collate(samples)
+    out = {k: [s[k] for s in samples] for k in samples[0]}
+    if all("orig_size" in s for s in samples):
+        out["orig_size"] = torch.stack(out["orig_size"])
+    return out
 
 
 def eval_sampler(dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> Sampler | None:
@@ -158,7 +170,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         if train:
             return DataLoader(dataset, batch_size=batch_size, shuffle=True,
                               drop_last=len(dataset) >= batch_size, **kwargs)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=eval_sampler(dataset), **kwargs)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=eval_sampler(dataset),
+                          collate_fn=collate_eval, **kwargs)
 
     def _get(self, attr: str, stage: str) -> Dataset:
         if getattr(self, attr) is None:

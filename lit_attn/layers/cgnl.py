@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import GLOBAL, register_attn
@@ -33,10 +34,10 @@ class CGNL(nn.Module):
     <p^k, g> t^k. `use_scale` divides each <p^k, g> by sqrt(c*h*w) (official default off). Then a grouped
     1x1 conv z (C/2 -> C, `groups`, no bias), GroupNorm(groups, C) and the residual: out = x + GN(z(y)).
     Init as the official ResNet does for its single CGNL block: convs N(0, 0.01), GN weight and bias 0
-    (identity at init). Same maths as the official code; the per-group sums are computed in fp32 under
-    autocast (they add up c*h*w products). No activation: act_layer is accepted and ignored. Cost O(N C)
-    time and memory for the attention (N = H*W; order+1 times that for the Gaussian kernel) plus O(N C^2)
-    for the 1x1 convs; no N x N tensor exists in the method at all.
+    (identity at init). Same maths as the official code; for fp16/bf16 inputs the per-group sums (they
+    add up c*h*w products), z and the GroupNorm run in fp32. No activation: act_layer is accepted and
+    ignored. Cost O(N C) time and memory for the attention (N = H*W; order+1 times that for the Gaussian
+    kernel) plus O(N C^2) for the 1x1 convs; no N x N tensor exists in the method at all.
     """
 
     def __init__(self, channels: int, *, groups: int = 8, kernel: str = "dot", order: int = 3, gamma: float = 1e-4,
@@ -99,11 +100,13 @@ class CGNL(nn.Module):
         check_input(self, x, self.channels)
         t, p, g = self.t(x), self.p(x), self.g(x)
         b, c, h, w = t.shape
-        with torch.autocast(x.device.type, enabled=False):   # sums of c*h*w products: accumulate in fp32
+        with torch.autocast(x.device.type, enabled=False):   # sums of c*h*w products, until the GN: fp32
             acc = _acc_dtype(t)
             t_, p_, g_ = (a.to(acc).reshape(b, self.groups, -1) for a in (t, p, g))
-            y = self.aggregate(t_, p_, g_).reshape(b, c, h, w).to(t.dtype)
-        return x + self.gn(self.z(y))
+            y = self.aggregate(t_, p_, g_).reshape(b, c, h, w)
+            y = F.conv2d(y, self.z.weight.to(acc), groups=self.groups)
+            y = F.group_norm(y, self.groups, self.gn.weight.to(acc), self.gn.bias.to(acc), self.gn.eps)
+        return x + y.to(x.dtype)
 
 
 _PAPER = "Compact Generalized Non-local Network (NeurIPS 2018, arXiv 1810.13125)"

@@ -13,12 +13,16 @@ inside the model tarballs). Segmentation (Cityscapes): FCN with a single GloRe u
 """
 from __future__ import annotations
 
+from itertools import chain
+
 import torch
+import torch.nn.functional as F
 from timm.layers import get_act_layer
 from torch import Tensor, nn
 
 from ..registry import GLOBAL, register_attn
 from ._utils import check_channels, check_input, factory
+from .non_local import _acc_dtype
 
 _PAPER = "Graph-Based Global Reasoning Networks (CVPR 2019, arXiv 1811.12814)"
 
@@ -37,9 +41,25 @@ class GCN(nn.Module):
         self.act = get_act_layer(act_layer or "relu")()
         self.conv2 = nn.Conv1d(num_state, num_state, 1, bias=False, **dd)
 
-    def forward(self, v: Tensor) -> Tensor:
-        h = self.conv1(v.transpose(1, 2)).transpose(1, 2) + v     # mixes nodes, per state channel
-        return self.conv2(self.act(h))                              # mixes states, per node
+    def forward(self, v: Tensor) -> Tensor:  # in v's dtype (fp32 for a half-precision unit)
+        w1, b1, w2 = (t.to(v.dtype) for t in (self.conv1.weight, self.conv1.bias, self.conv2.weight))
+        h = F.conv1d(v.transpose(1, 2), w1, b1).transpose(1, 2) + v     # mixes nodes, per state channel
+        return F.conv1d(self.act(h), w2)                                  # mixes states, per node
+
+
+def _norm(bn: nn.Module, y: Tensor) -> Tensor:
+    """bn(y) in y's dtype, also for a half-precision bn: through wider copies of its parameters and
+    statistics (the updated statistics are written back)."""
+    state = dict(chain(bn.named_parameters(), bn.named_buffers()))
+    if all(t.dtype == y.dtype for t in state.values() if t.is_floating_point()):
+        return bn(y)
+    wide = {k: t.to(y.dtype) if t.is_floating_point() else t for k, t in state.items()}
+    out = torch.func.functional_call(bn, wide, (y,))
+    with torch.no_grad():
+        for k, t in bn.named_buffers():
+            if t.is_floating_point():
+                t.copy_(wide[k])
+    return out
 
 
 @register_attn("glore", family="glore", kind=GLOBAL, paper=_PAPER, year=2019,
@@ -57,8 +77,10 @@ class GloReUnit(nn.Module):
     at one size, or set `normalize=True` (recommended when input sizes vary). Differs from the official
     code only in the order of the products: conv_state and conv_extend are applied on the Nn-column
     side (V = W_s (X B^T) + b_s (B 1)^T, out = (W_e GCN(V)) B), which is exact and halves the FLOPs:
-    O(N C Nn) = O(N C^2 / 4) per product, 3 products, and no (B, S, N) tensor. act_layer replaces
-    the GCN's ReLU (default ReLU). Cost O(N C^2) time, O(N (C + Nn)) memory, N = H*W.
+    O(N C Nn) = O(N C^2 / 4) per product, 3 products, and no (B, S, N) tensor. The products grow as
+    |x|^3 until the BN: for fp16/bf16 inputs they and the BN run in fp32 (half-precision BN statistics
+    still overflow when var(Y) > 65504: keep `blocker` in fp32 for `.half()` inference). act_layer
+    replaces the GCN's ReLU (default ReLU). Cost O(N C^2) time, O(N (C + Nn)) memory, N = H*W.
     """
 
     def __init__(self, channels: int, *, num_mid: int | None = None, normalize: bool = False,
@@ -89,11 +111,17 @@ class GloReUnit(nn.Module):
         check_input(self, x, self.channels)
         b, c, h, w = x.shape
         proj = self.conv_proj(x).flatten(2)                                   # B: (B, Nn, L)
-        x_nodes = torch.matmul(x.flatten(2), proj.transpose(1, 2))            # X B^T: (B, C, Nn)
-        v = torch.matmul(self.conv_state.weight.flatten(1), x_nodes)          # W_s X B^T: (B, S, Nn)
-        v = v + self.conv_state.bias[:, None] * proj.sum(-1)[:, None, :]      # + b_s (B 1)^T
-        if self.normalize:
-            v = v * (1.0 / (h * w))
-        z = torch.matmul(self.conv_extend.weight.flatten(1), self.gcn(v))     # W_e GCN(V): (B, C, Nn)
-        y = torch.matmul(z, proj).view(b, c, h, w)                            # reverse projection, same B
-        return x + self.blocker(y)
+        with torch.autocast(x.device.type, enabled=False):   # products growing as |x|^3, until the BN: fp32
+            acc = _acc_dtype(proj)
+            proj = proj.to(acc)
+            w_s, b_s, w_e = (t.to(acc) for t in (self.conv_state.weight.flatten(1), self.conv_state.bias,
+                                                 self.conv_extend.weight.flatten(1)))
+            x_nodes = torch.matmul(x.flatten(2).to(acc), proj.transpose(1, 2))   # X B^T: (B, C, Nn)
+            v = torch.matmul(w_s, x_nodes)                                      # W_s X B^T: (B, S, Nn)
+            v = v + b_s[:, None] * proj.sum(-1)[:, None, :]                     # + b_s (B 1)^T
+            if self.normalize:
+                v = v * (1.0 / (h * w))
+            z = torch.matmul(w_e, self.gcn(v))                                  # W_e GCN(V): (B, C, Nn)
+            y = torch.matmul(z, proj).view(b, c, h, w)                          # reverse projection, same B
+            y = _norm(self.blocker, y)
+        return x + y.to(x.dtype)

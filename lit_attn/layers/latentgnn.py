@@ -21,9 +21,15 @@ from torch import Tensor, nn
 
 from ..registry import GLOBAL, register_attn
 from ._utils import check_channels, check_input, factory
+from .non_local import _acc_dtype
 
 _PAPER = "LatentGNN: Learning Efficient Non-local Relations for Visual Recognition (ICML 2019, arXiv 1905.11634)"
 _MODES = ("asymmetric", "symmetric")
+
+
+def _normalize(t: Tensor, dim: int) -> Tensor:
+    """F.normalize in fp32 for fp16/bf16 inputs (its eps 1e-12 is 0 in fp16: a zero vector would give 0/0)."""
+    return F.normalize(t.to(_acc_dtype(t)), dim=dim)
 
 
 def _conv_bn(cin: int, cout: int, act=None, dd=None) -> nn.Sequential:
@@ -52,16 +58,18 @@ class LatentGNNKernel(nn.Module):
 
     def forward(self, v2l_feat: Tensor, l2v_feat: Tensor | None) -> Tensor:
         b, c, h, w = v2l_feat.shape
-        if self.mode == "asymmetric":
-            v2l_adj = F.normalize(self.psi_v2l(v2l_feat).flatten(2), dim=2)      # (B, d, N), over pixels
-            l2v_adj = F.normalize(self.psi_l2v(l2v_feat).flatten(2), dim=1)      # (B, d, N), over nodes
-        else:
-            v2l_adj = l2v_adj = F.normalize(self.psi(v2l_feat).flatten(2), dim=1)
-        nodes = torch.matmul(v2l_adj, v2l_feat.flatten(2).transpose(1, 2))      # (B, d, C')
-        nodes_n = F.normalize(nodes, dim=-1)
-        affinity = torch.softmax(torch.matmul(nodes_n, nodes_n.transpose(1, 2)), dim=-1)  # (B, d, d)
-        nodes = torch.matmul(affinity, nodes)
-        out = torch.matmul(nodes.transpose(1, 2), l2v_adj).view(b, c, h, w)    # (B, C', N)
+        asymmetric = self.mode == "asymmetric"
+        psi_v2l = self.psi_v2l(v2l_feat) if asymmetric else self.psi(v2l_feat)
+        psi_l2v = self.psi_l2v(l2v_feat) if asymmetric else psi_v2l
+        with torch.autocast(v2l_feat.device.type, enabled=False):  # norms of ReLU outputs, sums over N: fp32
+            v2l_adj = _normalize(psi_v2l.flatten(2), dim=2 if asymmetric else 1)   # (B, d, N), over pixels
+            l2v_adj = _normalize(psi_l2v.flatten(2), dim=1) if asymmetric else v2l_adj  # over nodes
+            feat = v2l_feat.flatten(2).transpose(1, 2).to(v2l_adj.dtype)
+            nodes = torch.matmul(v2l_adj, feat)                                     # (B, d, C')
+            nodes_n = F.normalize(nodes, dim=-1)
+            affinity = torch.softmax(torch.matmul(nodes_n, nodes_n.transpose(1, 2)), dim=-1)  # (B, d, d)
+            nodes = torch.matmul(affinity, nodes)
+            out = torch.matmul(nodes.transpose(1, 2), l2v_adj).view(b, c, h, w).to(v2l_feat.dtype)  # (B, C', N)
         if hasattr(self, "GraphConvWeight"):
             out = self.GraphConvWeight(out)
         return out
@@ -81,8 +89,8 @@ class LatentGNN(nn.Module):
     official optional GraphConvWeight (1x1 conv + BN + ReLU) after each kernel. `latent_dims` is
     required by the official class; its example and the detection defaults for res4 use 100 nodes per
     kernel, our default (one kernel of 100). act_layer replaces the ReLUs (default ReLU). Same maths as
-    the official code. Cost O(N C^2) for the 1x1 convs plus O(N C' d) for the graph, linear in N = H*W;
-    O(N C + d^2) memory.
+    the official code (norms and graph products in fp32 for fp16/bf16 inputs). Cost O(N C^2) for the 1x1
+    convs plus O(N C' d) for the graph, linear in N = H*W; O(N C + d^2) memory.
     """
 
     def __init__(self, channels: int, *, latent_dims: int | tuple[int, ...] = 100, num_kernels: int | None = None,
@@ -120,10 +128,9 @@ class LatentGNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.channels)
         if self.mode == "asymmetric":
-            v2l = F.normalize(self.down_channel_v2l(x), dim=1)
-            l2v = F.normalize(self.down_channel_l2v(x), dim=1)
+            v2l, l2v = (_normalize(f(x), dim=1).to(x.dtype) for f in (self.down_channel_v2l, self.down_channel_l2v))
         else:
-            v2l, l2v = F.normalize(self.down_channel(x), dim=1), None
+            v2l, l2v = _normalize(self.down_channel(x), dim=1).to(x.dtype), None
         outs = [getattr(self, f"LatentGNN_Kernel_{i}")(v2l, l2v) for i in range(len(self.latent_dims))]
         y = self.up_channel(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
         return x + self.gamma * y

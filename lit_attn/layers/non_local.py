@@ -64,7 +64,8 @@ class NonLocal2d(nn.Module):
     `out_bias=False` drops W_z's bias (mmcv's conv_out, whose following BN cancels it).
     No activation: act_layer is accepted and ignored. Cost in N = H*W (plus O(N C^2) for the 1x1
     convs): softmax modes O(N N' C) time, O(N C) memory (fused/chunked attention, no N x N'); dot
-    O(N C^2) by reassociation theta (phi^T g); concat O(N log N + N C) with a sort and prefix sums.
+    O(N C^2) by reassociation theta (phi^T g); concat O(N log N + N C) with a sort and prefix sums. The
+    dot and concat sums over the keys run in fp32 for fp16/bf16 inputs.
     """
 
     def __init__(self, channels: int, *, mode: str = "embedded", rd_ratio: float = 0.5,
@@ -122,9 +123,13 @@ class NonLocal2d(nn.Module):
             scale = q.shape[-1] ** -0.5 if self.use_scale else 1.0
             y = tokens_to_map(global_attention(q, k, map_to_tokens(g), scale=scale), h, w)
         elif self.mode == "dot":
-            theta, phi, g = self.theta(x).flatten(2), self.phi(xk).flatten(2), g.flatten(2)
+            theta, phi = self.theta(x).flatten(2), self.phi(xk).flatten(2)
             n_keys = phi.shape[-1]                     # N', a constant (no gradient), as official
-            y = torch.matmul(torch.matmul(g, phi.transpose(1, 2)), theta).div(n_keys).unflatten(2, (h, w))
+            with torch.autocast(x.device.type, enabled=False):  # g phi^T sums N' products: fp32
+                acc = _acc_dtype(theta)
+                theta, phi, gf = theta.to(acc), phi.to(acc), g.flatten(2).to(acc)
+                y = torch.matmul(torch.matmul(gf, phi.transpose(1, 2)), theta).div(n_keys)
+            y = y.to(g.dtype).unflatten(2, (h, w))
         else:
             theta, phi = self.theta(x), self.phi(xk)
             n_keys = phi.shape[-2] * phi.shape[-1]

@@ -49,7 +49,10 @@ def _build_index(h: int, w: int, mask_h: int, mask_w: int, device) -> tuple:
     return rows.clamp(0, mask_h - 1)[:, :, None], cols.clamp(0, mask_w - 1)[:, None, :], pix, row_out, col_out
 
 
-_cached_index = lru_cache(maxsize=32)(_build_index)
+@lru_cache(maxsize=32)
+def _cached_index(h: int, w: int, mask_h: int, mask_w: int, device) -> tuple:
+    with torch.inference_mode(False):  # tensors made under inference_mode could not be saved for backward later
+        return _build_index(h, w, mask_h, mask_w, device)
 
 
 def point_wise_logits(mask: Tensor, mask_size) -> Tensor:

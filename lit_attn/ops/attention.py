@@ -4,8 +4,9 @@
 k (B, h, Nk, dk), v (B, h, Nk, dv) without ever holding the (Nq, Nk) matrix in memory:
 
 - through `torch.nn.functional.scaled_dot_product_attention` on CUDA, under `torch.compile`,
-  and on CPU when dk == dv (the CPU flash kernel needs equal head dims and a contiguous last
-  dimension: `map_to_tokens` builds that layout). On CUDA, unequal or wide head dims are made
+  `torch.jit.trace` and ONNX export (the chunked kernel's Function does not trace), and on CPU
+  when dk == dv (the CPU flash kernel needs equal head dims and a contiguous last dimension:
+  `map_to_tokens` builds that layout). On CUDA, unequal or wide head dims are made
   flash-eligible by zero-padding q/k (zeros add nothing to q.k) and splitting v into slices of
   at most 256 channels (`fused_attention`);
 - otherwise (CPU, dk != dv, e.g. DANet's PAM with C/8 keys and C values) through an exact
@@ -43,6 +44,12 @@ def tokens_to_map(t: Tensor, height: int, width: int) -> Tensor:
     """(B, heads, H*W, d) -> (B, heads * d, H, W)."""
     b, heads, n, d = t.shape
     return t.transpose(-1, -2).reshape(b, heads * d, height, width)
+
+
+def tracing() -> bool:
+    """True under torch.compile, torch.jit.trace and the TorchScript-based ONNX export: custom autograd
+    Functions and in-place writes into fresh buffers do not trace (a Python call, a constant), plain ops do."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -130,6 +137,8 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
     """Exact softmax(q k^T * scale + bias) v, processed in blocks of `chunk_size` queries
     (default: `default_chunk`, about 16M logits per block)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if tracing():
+        return _traced_attention(q, k, v, scale, rel_h, rel_w)
     dtype = _common_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if rel_h is not None:  # the bias is added to fp32 logits: keep it in the accumulation dtype
@@ -148,6 +157,14 @@ def _fold_rel_bias(q, k, rel_h, rel_w, scale):
     onehot = onehot.expand(*k.shape[:-2], hk * wk, hk + wk)
     q = torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], -1)
     return q, torch.cat([k, onehot], -1)
+
+
+def _traced_attention(q, k, v, scale, rel_h, rel_w):
+    """SDPA with the bias folded into q/k: plain ops for compilers and tracers, which pick the kernel."""
+    if rel_h is not None:
+        q, k = _fold_rel_bias(q, k, rel_h, rel_w, scale)
+        scale = 1.0
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 FLASH_MAX_DIM = 256
@@ -187,11 +204,8 @@ def global_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
                          f"do not cover the {k.shape[-2]} keys")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     has_rel = rel_h is not None
-    if torch.compiler.is_compiling():  # let the compiler pick its kernel
-        if has_rel:
-            q, k = _fold_rel_bias(q, k, rel_h, rel_w, scale)
-            scale = 1.0
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if tracing():  # let the compiler pick its kernel
+        return _traced_attention(q, k, v, scale, rel_h, rel_w)
     if q.device.type == "cpu":
         if not has_rel and q.shape[-1] == v.shape[-1]:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)  # CPU flash kernel

@@ -23,13 +23,16 @@ softmax are fp32 for fp16/bf16 inputs (autocast is off inside, backward included
 into the small probabilities and the residual into the row GEMM (baddbmm), so neither the attended
 features nor gamma * out are ever stored. The centre pixel's column entry is removed by zeroing its
 probability (its logit is also in the row, so the maximum does not change): no -inf arithmetic.
-Under `torch.compile` the same maths is written with plain differentiable ops (a finite mask) for
-the compiler to trace.
+Under `torch.compile`, `torch.jit.trace` and ONNX export the same maths is written with plain
+differentiable ops (a finite mask) for the tracer: the Function's output buffer would be traced as a
+constant (ONNX) or as a Python call (TorchScript) otherwise.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .attention import tracing
 
 COL_ELEMENTS = 1 << 23  # column attention: GEMMs over as many columns as keep the temporary under this
 
@@ -176,12 +179,13 @@ class _CrissCross(torch.autograd.Function):
 
 
 def _criss_cross_traced(qkv: Tensor, ck: int, gamma: Tensor | None, residual: Tensor | None) -> Tensor:
-    """The same maths with plain differentiable ops (for torch.compile)."""
+    """The same maths with plain differentiable ops (for torch.compile and tracers)."""
     h = qkv.shape[-2]
     t = qkv.permute(0, 2, 3, 1)                                                # (B, H, W, C')
     vn = t[..., 2 * ck:]
     row, col = _logits(t[..., :ck], t[..., ck:2 * ck], _acc_dtype(vn))        # (B, H, W, W), (B, W, H, H)
-    eye = torch.eye(h, dtype=torch.bool, device=qkv.device)
+    ar = torch.arange(h, device=qkv.device)
+    eye = ar[:, None] == ar  # (not torch.eye: ONNX Runtime has no boolean EyeLike)
     col = col.masked_fill(eye, torch.finfo(col.dtype).min).transpose(1, 2)    # finite mask: no inf - inf
     p = torch.softmax(torch.cat([row, col], -1), -1).to(vn.dtype)
     out = p[..., :-h] @ vn + (p[..., -h:].transpose(1, 2) @ vn.transpose(1, 2)).transpose(1, 2)
@@ -205,7 +209,7 @@ def criss_cross_attention_packed(qkv: Tensor, key_channels: int, gamma: Tensor |
         raise ValueError(f"criss_cross_attention: residual {tuple(residual.shape)} does not match the value "
                          f"({qkv.shape[0]}, {c}, {qkv.shape[2]}, {qkv.shape[3]})")
     with torch.autocast(qkv.device.type, enabled=False):  # the logits and the softmax stay fp32
-        if torch.compiler.is_compiling():
+        if tracing():
             return _criss_cross_traced(qkv, key_channels, gamma, residual)
         return _CrissCross.apply(qkv, key_channels, gamma, residual)
 

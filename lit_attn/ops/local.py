@@ -14,13 +14,15 @@ here the ops loop over the k^2 taps with shifted slices, accumulate in place, an
 saves only the two inputs. The two ops are each other's transposes, so three loop kernels serve
 both forward and backward passes (`_aggregate`, `_aggregate_t`, `_correlate`), each registered as
 a `torch.library` custom op (lit_attn::local_aggregate, ...) so that `torch.compile` keeps it as one
-opaque node (no graph break, fast compile). Half-precision inputs accumulate in fp32.
+opaque node (no graph break, fast compile). Half-precision inputs accumulate in fp32. ONNX export
+(which knows no custom op) takes an F.unfold form instead (k^2 times the input in memory).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["local_aggregate", "local_correlation", "local_valid_mask", "local_out_size"]
@@ -172,6 +174,15 @@ _aggregate_op.register_autograd(_aggregate_backward, setup_context=_save_inputs)
 _correlate_op.register_autograd(_correlate_backward, setup_context=_save_inputs)
 
 
+def _windows(x: Tensor, groups: int, kernel_size: int, dilation: int, scale: int, stride: int) -> Tensor:
+    """(B, C, H, W) -> (B, G, C/G, k*k, Ho s, Wo s): every output position's zero-padded window, by F.unfold
+    (plain ops for ONNX export)."""
+    b, c, h, w = x.shape
+    cols = F.unfold(x, kernel_size, dilation=dilation, padding=dilation * (kernel_size // 2), stride=stride)
+    cols = cols.view(b, groups, c // groups, kernel_size ** 2, local_out_size(h, stride), local_out_size(w, stride))
+    return cols.repeat_interleave(scale, -2).repeat_interleave(scale, -1) if scale > 1 else cols
+
+
 def _common_dtype(a: Tensor, b: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(a.device.type):
         return torch.get_autocast_dtype(a.device.type)
@@ -209,6 +220,9 @@ def local_aggregate(x: Tensor, weights: Tensor, kernel_size: int, dilation: int 
                          f"(B, G, k*k, Ho, Wo) = {expected} with G dividing C={c}")
     dtype = _common_dtype(x, weights)
     x, weights = x.to(dtype), weights.to(dtype)
+    if torch.onnx.is_in_onnx_export():
+        cols = _windows(x, grid.groups, kernel_size, dilation, scale, stride)
+        return (cols * weights[:, :, None]).sum(3).flatten(1, 2)
     with torch.autocast(x.device.type, enabled=False):
         return _aggregate_op(x, weights, kernel_size, dilation, scale, stride)
 
@@ -232,6 +246,9 @@ def local_correlation(q: Tensor, k: Tensor, groups: int, kernel_size: int, dilat
                          f"C divisible by groups={groups}, and q on the {out} output grid")
     dtype = _common_dtype(q, k)
     q, k = q.to(dtype), k.to(dtype)
+    if torch.onnx.is_in_onnx_export():
+        cols = _windows(k, groups, kernel_size, dilation, scale, stride)
+        return (cols * q.unflatten(1, (groups, -1))[:, :, :, None]).sum(2)
     with torch.autocast(q.device.type, enabled=False):
         return _correlate_op(q, k, groups, kernel_size, dilation, scale, stride)
 

@@ -15,12 +15,13 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..checkpoints import CheckedLoading
 from .optim import configure_poly_optimizer
 
 __all__ = ["ClassificationTask"]
 
 
-class ClassificationTask(LightningModule):
+class ClassificationTask(CheckedLoading, LightningModule):
     """Train / evaluate an image classifier.
 
     Args:
@@ -33,6 +34,8 @@ class ClassificationTask(LightningModule):
         optimizer, lr, momentum, weight_decay, warmup_iters, warmup_ratio, poly_power, min_lr: as
             SegmentationTask (per-iteration poly schedule).
     """
+
+    architecture_hparams = ("model", "model_kwargs")
 
     def __init__(self, model: nn.Module | str, num_classes: int, *, model_kwargs: dict | None = None,
                  label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,6 +30,31 @@ def resize(logits: Tensor, size) -> Tensor:
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def label_map(scores: Tensor, size, max_elements: int = 1 << 24) -> Tensor:
+    """Class indices (H, W) of `scores` (K, h, w) resized to `size` = (H, W): the argmax of the bilinear
+    (align_corners=False) resize, as `resize(scores[None], size)[0].argmax(0)`, but computed in bands of output
+    rows so that at most about `max_elements` resized scores exist at once (a 6000x6000 photo's 19 class scores
+    would take 2.7 GB). Each band is resized along the width from the input rows it needs, then blended between
+    the two source rows of each output row: the separable form of the same bilinear weights."""
+    k, h, w = scores.shape
+    out_h, out_w = (int(v) for v in size)
+    if k * out_h * out_w <= max_elements:
+        return resize(scores[None], (out_h, out_w))[0].argmax(0)
+    rows = max(1, max_elements // (k * out_w))
+    out = torch.empty(out_h, out_w, dtype=torch.long, device=scores.device)
+    for y0 in range(0, out_h, rows):
+        y1 = min(out_h, y0 + rows)
+        src = ((torch.arange(y0, y1, device=scores.device, dtype=torch.float64) + 0.5) * (h / out_h) - 0.5).clamp(0)
+        lo = src.floor().long().clamp(max=h - 1)
+        hi = (lo + 1).clamp(max=h - 1)
+        frac = (src - lo).to(scores.dtype)[:, None]
+        r0, r1 = int(lo[0]), int(hi[-1]) + 1
+        band = resize(scores[None, :, r0:r1], (r1 - r0, out_w))[0]           # width only (height is unchanged)
+        top, bottom = band[:, lo - r0], band[:, hi - r0]
+        out[y0:y1] = (top * (1 - frac) + bottom * frac).argmax(0)
+    return out
 
 
 def whole_inference(model: Callable, x: Tensor) -> Tensor:

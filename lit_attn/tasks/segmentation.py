@@ -5,26 +5,30 @@ losses weighted 0.4, SGD (lr 0.01, momentum 0.9, weight decay 5e-4) with a poly 
 (power 0.9, min lr 1e-4) stepped per iteration after an optional linear warm-up; metrics are
 torchmetrics' MulticlassJaccardIndex (dataset-level macro mIoU with ignore_index, synced under
 DDP) and pixel accuracy. Validation runs whole-image inference; test and predict use the
-configured mode (whole / slide) with optional multi-scale + flip.
+configured mode (whole / slide) with optional multi-scale + flip. Scores are resized to the label
+(evaluation) or to the input image's original size (predict) before the argmax, in bounded memory;
+batches of mixed image sizes (lists, see `lit_attn.data.collate_eval`) run one image at a time.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torchmetrics import ClasswiseWrapper, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from .inference import resize, segment, split_outputs
+from ..checkpoints import CheckedLoading
+from .inference import label_map, resize, segment, split_outputs
 from .losses import SegmentationLoss
 from .optim import configure_poly_optimizer
 
 __all__ = ["SegmentationTask"]
 
 
-class SegmentationTask(LightningModule):
+class SegmentationTask(CheckedLoading, LightningModule):
     """Train / evaluate a semantic segmentation model.
 
     Args:
@@ -38,9 +42,13 @@ class SegmentationTask(LightningModule):
             else mmseg's 0.4.
         optimizer: "sgd" or "adamw"; lr, momentum, weight_decay as mmseg's defaults.
         warmup_iters, warmup_ratio, poly_power, min_lr: the per-iteration schedule.
-        test_mode: "whole" or "slide" (with crop_size, stride) for test and predict.
+        test_mode: "whole" or "slide" (with test_crop_size, test_stride) for test and predict (named apart from
+            the data module's training `crop_size`: Lightning refuses equal hparam names with other values).
         test_scales, test_flip: multi-scale + horizontal-flip testing (probabilities averaged).
         class_names: names for per-class IoU logging (default: the data module's, else indices).
+
+    Loading a checkpoint (`Trainer(ckpt_path=...)`, `load_from_checkpoint`) first checks that it was trained with
+    this architecture (`lit_attn.checkpoints.CheckedLoading`) and refuses it with both named otherwise.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, *, ignore_index: int = 255, loss: str = "ce",
@@ -48,8 +56,8 @@ class SegmentationTask(LightningModule):
                  class_weight: list[float] | None = None, optimizer: str = "sgd", lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 5e-4, warmup_iters: int = 0,
                  warmup_ratio: float = 1e-6, poly_power: float = 0.9, min_lr: float = 1e-4,
-                 test_mode: str = "whole", crop_size: Sequence[int] | None = None,
-                 stride: Sequence[int] | None = None, test_scales: Sequence[float] = (1.0,),
+                 test_mode: str = "whole", test_crop_size: Sequence[int] | None = None,
+                 test_stride: Sequence[int] | None = None, test_scales: Sequence[float] = (1.0,),
                  test_flip: bool = False, class_names: list[str] | None = None):
         super().__init__()
         if _given_hyperparameters.get() is None:  # built in Python: the model is saved in the state dict
@@ -133,24 +141,39 @@ class SegmentationTask(LightningModule):
             raise ValueError(f"labels outside [0, {self.num_classes}) or {self.ignore_index} in batch "
                              f"{list(names) if names is not None else ''}: {mask[bad].unique().tolist()}")
 
-    def _evaluate(self, batch, metrics: MetricCollection, per_class, **inference) -> Tensor:
-        image, mask = batch["image"], batch["mask"]
-        self._check_mask(mask, batch.get("name"))
-        scores = segment(self.model, image, **inference)
-        self._check_logits(scores)
-        preds = resize(scores, mask.shape[-2:]).argmax(1)
-        metrics.update(preds, mask)
-        per_class.update(preds, mask)
-        return preds
+    def _label_maps(self, images: Tensor | list[Tensor], sizes, **inference) -> list[Tensor]:
+        """One (H_i, W_i) label map per image: `images` a (B, 3, h, w) batch (one model call) or a list of
+        (3, h_i, w_i) images of different sizes (one call each)."""
+        batches = [images] if isinstance(images, Tensor) else [image[None] for image in images]
+        scores = []
+        for x in batches:
+            out = segment(self.model, x, **inference)
+            self._check_logits(out)
+            scores += list(out)
+        return [label_map(s, size) for s, size in zip(scores, sizes, strict=True)]
+
+    def _evaluate(self, batch, metrics: MetricCollection, per_class, **inference) -> Tensor | list[Tensor]:
+        masks = batch["mask"]
+        masks = list(masks) if isinstance(masks, Tensor) else masks
+        for mask in masks:
+            self._check_mask(mask, batch.get("name"))
+        preds = self._label_maps(batch["image"], [m.shape[-2:] for m in masks], **inference)
+        if isinstance(batch["mask"], Tensor):
+            preds = [torch.stack(preds)]
+            masks = [batch["mask"]]
+        for pred, mask in zip(preds, masks, strict=True):
+            metrics.update(pred, mask)
+            per_class.update(pred, mask)
+        return preds[0] if isinstance(batch["mask"], Tensor) else preds
 
     def _inference_kwargs(self) -> dict:
         h = self.hparams
-        return dict(mode=h.test_mode, crop_size=h.crop_size, stride=h.stride, scales=tuple(h.test_scales),
+        return dict(mode=h.test_mode, crop_size=h.test_crop_size, stride=h.test_stride, scales=tuple(h.test_scales),
                     flip=h.test_flip)
 
     def validation_step(self, batch, batch_idx):
         preds = self._evaluate(batch, self.val_metrics, self.val_per_class)
-        self.log_dict(self.val_metrics, batch_size=batch["image"].shape[0])
+        self.log_dict(self.val_metrics, batch_size=len(batch["image"]))
         return preds
 
     def on_validation_epoch_end(self) -> None:
@@ -158,7 +181,7 @@ class SegmentationTask(LightningModule):
 
     def test_step(self, batch, batch_idx):
         preds = self._evaluate(batch, self.test_metrics, self.test_per_class, **self._inference_kwargs())
-        self.log_dict(self.test_metrics, batch_size=batch["image"].shape[0])
+        self.log_dict(self.test_metrics, batch_size=len(batch["image"]))
         return preds
 
     def on_test_epoch_end(self) -> None:
@@ -172,8 +195,20 @@ class SegmentationTask(LightningModule):
         self.per_class_iou = {k[len("IoU_"):]: float(v) for k, v in values.items()}
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        scores = segment(self.model, batch["image"], **self._inference_kwargs())
-        return {"pred": scores.argmax(1), "name": batch.get("name")}
+        """{"pred": one (H, W) label map per image at its original size (uint8 up to 256 classes), "name"}. The
+        size is the batch's `orig_size` (the image before the evaluation resize), else the mask's, else the
+        input's."""
+        images = batch["image"]
+        if "orig_size" in batch:
+            sizes = [tuple(int(v) for v in s) for s in batch["orig_size"]]
+        elif "mask" in batch:
+            sizes = [m.shape[-2:] for m in batch["mask"]]
+        else:
+            sizes = [x.shape[-2:] for x in images]
+        preds = self._label_maps(images, sizes, **self._inference_kwargs())
+        if self.num_classes <= 256:
+            preds = [p.to(torch.uint8) for p in preds]
+        return {"pred": preds, "name": batch.get("name")}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
