@@ -22,6 +22,7 @@ from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
 from ..layers.aa_conv import AugmentedConv2d
+from .pretrained import require_weights
 
 __all__ = ["AAResNet", "aa_resnet50"]
 
@@ -79,6 +80,9 @@ default_cfgs = generate_default_cfgs({"aa_resnet50.untrained": _cfg()})
 
 
 def _create_aa_resnet(variant: str, pretrained: bool = False, **kwargs) -> AAResNet:
+    if pretrained:
+        require_weights(variant, kwargs, why="the paper's ImageNet models were not released",
+                        todo="Train it (e.g. lit-attn fit with this model).")
     return build_model_with_cfg(AAResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3, 4)),
                                 **kwargs)
 

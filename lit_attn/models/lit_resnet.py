@@ -5,19 +5,32 @@ block through timm's own attention slot (`block_args={"attn_layer": name}`, afte
 the residual branch, before the shortcut sum); global-context blocks (kind "global": non-local,
 DANet, ...) follow the Non-local paper's placement: one block after every other residual block of
 res3 and res4 (official `nonlocal_mod = 2`, 5 blocks in ResNet-50, 2 in ResNet-18, 13 in
-ResNet-101). The base ResNet's parameter names are unchanged, so ImageNet ResNet weights load with
-`strict=False`. No pretrained weights exist for the variants (`pretrained=False`).
+ResNet-101). The base ResNet's parameter names are unchanged.
+
+Pretrained trunks: every variant has the pretrained tags timm has for its base (read from timm's
+registry at import, `timm.list_pretrained("resnet50_nonlocal.*")`), each with the base's cfg, so
+`timm.create_model("resnet50_nonlocal.a1_in1k", pretrained=True)` loads timm's `resnet50.a1_in1k`
+checkpoint (`pretrained=True` alone: the base's default tag; offline:
+`pretrained_cfg_overlay=dict(file="resnet50.safetensors")`, a base state dict). Every trunk tensor must
+load (`pretrained.TrunkFilter`: a missing, mis-shaped or unexpected tensor is an error naming it); the
+blocks keep their init. `IDENTITY_AT_INIT` holds the blocks that are the identity at init (logits equal
+the base's until trained); the others (e.g. sigmoid gates, PSA) change the logits from the start, as
+their cfg notes and docstrings say.
 """
 from __future__ import annotations
 
 import sys
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+import timm
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, split_model_name_tag
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch import nn
 
 from ..registry import _REGISTRY, GATE, GLOBAL, create_attn
+from .pretrained import TrunkFilter, block_is_identity_at_init, mirror_pretrained_cfgs, require_weights
 
-__all__ = ["ContextBasicBlock", "ContextBottleneck", "LitResNet", "register_resnet_variants"]
+__all__ = ["IDENTITY_AT_INIT", "SKIPPED_TAGS", "ContextBasicBlock", "ContextBottleneck", "LitResNet",
+           "identity_at_init", "register_resnet_variants"]
 
 BASES = {
     "resnet18": dict(block=BasicBlock, layers=(2, 2, 2, 2)),
@@ -69,6 +82,18 @@ class LitResNet(ResNet):
                     blk.context = create_attn(context_layer, out_chs, device=device, dtype=dtype,
                                               **(context_kwargs or {}))
 
+    def attention_blocks(self) -> dict[str, nn.Module]:
+        """The blocks a plain ResNet lacks, by module name: gates in timm's attention slot
+        (`layer1.0.se`) and context blocks (`layer3.1.context`). Their tensors are the ones a base
+        ResNet checkpoint does not have."""
+        out = {}
+        for name, module in self.named_modules():
+            if isinstance(module, (BasicBlock, Bottleneck)):
+                for slot in ("se", "context"):
+                    if getattr(module, slot, None) is not None:
+                        out[f"{name}.{slot}"] = getattr(module, slot)
+        return out
+
 
 def _cfg(**kwargs):
     return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
@@ -77,6 +102,34 @@ def _cfg(**kwargs):
 
 
 default_cfgs: dict = {}
+SKIPPED_TAGS: dict[str, str] = {}  # base tags not mirrored: "<base>.<tag>" -> reason (none with timm 1.0.31)
+
+# Whether each shipped plug-in block returns its input exactly at its default init (zero-initialised last
+# BN / gamma, as the papers do). Declared here so that importing lit_attn runs no forward pass (running
+# them all takes about a second on CPU); tests/test_pretrained.py checks every entry against the block
+# itself (`pretrained.block_is_identity_at_init`). Blocks registered later are checked at registration.
+_DECLARED_IDENTITY = {
+    "a2": True, "cgnl": True, "cgnl_gaussian": True, "criss_cross": True, "danet": True, "danet_cam": True,
+    "danet_pam": True, "dnl_mmseg": True, "glore": True, "latentgnn": True, "nonlocal": True,
+    "nonlocal_concat": True, "nonlocal_dot": True, "nonlocal_gaussian": True,
+    "acm": False, "apnb": False, "base_oc": False, "dgmn": False, "dnl": False, "ema": False, "isa": False,
+    "psa_channel": False, "psa_p": False, "psa_s": False, "psa_spatial": False, "psanet": False,
+    "residual_attention": False,
+}
+# block names whose variants reproduce the base model's logits exactly at init (filled at registration)
+IDENTITY_AT_INIT: set[str] = set()
+_VARIANT_BLOCK: dict[str, str] = {}  # variant -> block name
+
+
+def identity_at_init(name: str) -> bool:
+    """Whether a registered variant (`"resnet50_nonlocal"`, tags allowed) or a block name has blocks that
+    are the identity at init, i.e. the variant loaded with a base checkpoint gives the base's logits."""
+    name = split_model_name_tag(name)[0]
+    block = _VARIANT_BLOCK.get(name, name)
+    if block not in _VARIANT_BLOCK.values():
+        raise KeyError(f"{name!r} is neither a lit_attn ResNet variant nor a block with variants "
+                       f"(registered: {', '.join(sorted(set(_VARIANT_BLOCK.values())))})")
+    return block in IDENTITY_AT_INIT
 
 
 # where a paper puts its block in a ResNet, when it differs from the Non-local default above:
@@ -95,7 +148,19 @@ PAPER_PLACEMENT = {
 PAPER_PLACEMENT["cgnl_gaussian"] = PAPER_PLACEMENT["cgnl"]
 
 
-def _entrypoint(variant: str, base: str, attn: str, kind: str):
+def _block_prefixes(model: LitResNet) -> list[str]:
+    return list(model.attention_blocks())
+
+
+def _init_note(base: str, attn: str, identity: bool) -> str:
+    if identity:
+        return (f"lit_attn: {base} trunk weights; the `{attn}` blocks are not in the checkpoint and keep their init, "
+                f"which is the identity: logits equal {base}'s (same tag) until trained")
+    return (f"lit_attn: {base} trunk weights; the `{attn}` blocks are not in the checkpoint and keep their init, "
+            f"which is NOT the identity: logits differ from {base}'s (same tag) until fine-tuned")
+
+
+def _entrypoint(variant: str, base: str, attn: str, kind: str, identity: bool, default_tag: str | None):
     def create(pretrained: bool = False, **kwargs):
         args = dict(BASES[base])
         if kind == GATE:
@@ -104,29 +169,55 @@ def _entrypoint(variant: str, base: str, attn: str, kind: str):
             args["context_layer"] = attn
             if attn in PAPER_PLACEMENT:
                 args["context_blocks"] = PAPER_PLACEMENT[attn][1](args["layers"])
-        return build_model_with_cfg(LitResNet, variant, pretrained, pretrained_strict=False, **dict(args, **kwargs))
+        trunk = None
+        if pretrained:
+            require_weights(variant, kwargs, why=f"timm {timm.__version__} has no pretrained tag "
+                            f"for {base}", todo=f"Train it, or load a {base} state dict as its trunk.")
+            trunk = TrunkFilter(variant, base, f"{attn} blocks", _block_prefixes)
+        model = build_model_with_cfg(LitResNet, variant, pretrained, pretrained_filter_fn=trunk,
+                                     **dict(args, **kwargs))
+        if trunk is not None:
+            trunk.log(features_only=bool(kwargs.get("features_only", False)))
+        return model
 
     create.__name__ = create.__qualname__ = variant
     create.__module__ = __name__
     where = "in every block" if kind == GATE else PAPER_PLACEMENT.get(attn, ("res3/res4, every other block",))[0]
-    create.__doc__ = f"{base} with lit_attn's `{attn}` block ({where})."
+    if default_tag is None:
+        weights = f"No pretrained weights: timm has none for {base}."
+    else:
+        weights = f"Pretrained: the {base} trunk of every timm tag of {base} (default `{default_tag}`)."
+    init = ("The blocks start as the identity: with a base checkpoint, logits equal the base's until trained."
+            if identity else "The blocks are NOT the identity at init: logits differ from the base's until "
+            "fine-tuned.")
+    create.__doc__ = f"{base} with lit_attn's `{attn}` block ({where}). {weights} {init}"
     return create
 
 
 def register_resnet_variants() -> list[str]:
-    """Register `<base>_<block>` for every lit_attn plug-in block not registered yet."""
+    """Register `<base>_<block>` for every lit_attn plug-in block not registered yet, with the base's
+    pretrained tags (see the module docstring)."""
     mod = sys.modules[__name__]
     added = []
     for entry in sorted(_REGISTRY.values(), key=lambda e: e.name):
         if entry.source != "lit_attn" or entry.kind not in (GATE, GLOBAL):
             continue
+        identity = _DECLARED_IDENTITY.get(entry.name)
         for base in BASES:
             variant = f"{base}_{entry.name}"
             if variant in default_cfgs:
                 continue
-            default_cfgs.update(generate_default_cfgs({variant: _cfg()}))
-            fn = _entrypoint(variant, base, entry.name, entry.kind)
+            if identity is None:
+                identity = block_is_identity_at_init(entry.name)
+            cfgs = mirror_pretrained_cfgs(base, variant, notes=(_init_note(base, entry.name, identity),),
+                                          skipped=SKIPPED_TAGS)
+            default_cfgs.update(generate_default_cfgs(cfgs or {variant: _cfg()}))
+            default_tag = default_cfgs[variant].tags[0] if cfgs else None
+            fn = _entrypoint(variant, base, entry.name, entry.kind, identity, default_tag)
             setattr(mod, variant, register_model(fn))
+            _VARIANT_BLOCK[variant] = entry.name
+            if identity:
+                IDENTITY_AT_INIT.add(entry.name)
             added.append(variant)
     return added
 

@@ -8,7 +8,8 @@ stem conv 7x7/2 (64) + BN-ReLU + max-pool 3x3/2, four stages of pre-activation b
 1 = the prototxts' AttentionA/B/C), three units in stage 4, then BN-ReLU, global pool and fc.
 
 No pretrained weights exist (the official release is deploy prototxts only), so the pretrained
-configs have no url; `pretrained=True` leaves the random init (timm warns). `features_only=True`
+configs have no url; `pretrained=True` raises `NoPublishedWeightsError` (train the model, or load your
+own checkpoint with `pretrained_cfg_overlay=dict(file=...)`). `features_only=True`
 gives the stem (64 ch, stride 2) and the four stage outputs (strides 4, 8, 16, 32). Only
 `output_stride=32` is supported (no dilated variant).
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..layers._utils import factory
 from ..layers.residual_attention import AttentionModule, PreActBottleneck
+from .pretrained import require_weights
 
 __all__ = ["ResidualAttentionNet"]
 
@@ -163,6 +165,9 @@ class ResidualAttentionNet(nn.Module):
 
 
 def _create_resattnet(variant: str, pretrained: bool = False, **kwargs) -> ResidualAttentionNet:
+    if pretrained:
+        require_weights(variant, kwargs, why="the official release has Caffe deploy prototxts only",
+                        todo="Train it (e.g. lit-attn fit with this model).")
     return build_model_with_cfg(ResidualAttentionNet, variant, pretrained,
                                 feature_cfg=dict(flatten_sequential=True), **kwargs)
 

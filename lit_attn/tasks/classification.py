@@ -26,8 +26,11 @@ class ClassificationTask(CheckedLoading, LightningModule):
 
     Args:
         model: an nn.Module, or a timm model name built with `timm.create_model(model, num_classes=...,
-            pretrained=False, **model_kwargs)` (e.g. "resnet50_psa_p", or "resnet50" with
+            pretrained=pretrained, **model_kwargs)` (e.g. "resnet50_psa_p", or "resnet50" with
             model_kwargs={"block_args": {"attn_layer": "psa_p"}}).
+        pretrained: with a timm name, start from its pretrained weights (a tag in the name picks them,
+            e.g. "resnet50_nonlocal.tv_in1k"; offline: model_kwargs={"pretrained_cfg_overlay": {"file": F}}).
+            lit_attn's variants load their base model's trunk, the blocks keep their init.
         num_classes: number of classes (the data module's, linked by the CLI).
         label_smoothing, mixup_alpha, cutmix_alpha, mixup_prob: regularisation (timm's Mixup when an
             alpha is > 0, which also applies the label smoothing).
@@ -37,7 +40,8 @@ class ClassificationTask(CheckedLoading, LightningModule):
 
     architecture_hparams = ("model", "model_kwargs")
 
-    def __init__(self, model: nn.Module | str, num_classes: int, *, model_kwargs: dict | None = None,
+    def __init__(self, model: nn.Module | str, num_classes: int, *, pretrained: bool = False,
+                 model_kwargs: dict | None = None,
                  label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                  mixup_prob: float = 1.0, optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 1e-4, warmup_iters: int = 0, warmup_ratio: float = 1e-3,
@@ -48,7 +52,7 @@ class ClassificationTask(CheckedLoading, LightningModule):
         else:
             self.save_hyperparameters()
         if isinstance(model, str):
-            model = timm.create_model(model, num_classes=num_classes, pretrained=False, **(model_kwargs or {}))
+            model = timm.create_model(model, num_classes=num_classes, pretrained=pretrained, **(model_kwargs or {}))
         self.model = model
         self.num_classes = num_classes
         self.mixup = None
