@@ -10,6 +10,9 @@
   file in `$TMPDIR`; from another file system the final "rename" is a copy that a kill truncates).
 - `check_checkpoint_fits(module, checkpoint)`: a short error naming both architectures when a checkpoint was
   trained with another model than the one it is loaded into (called by the tasks' `on_load_checkpoint`).
+- `load_model_weights(model, path)`: weights to start a training from (`SegmentationTask(init_weights=...)`): an
+  smp `save_pretrained` folder (e.g. written by `lit-attn convert`), a `.safetensors` / `.pth` state dict, or a
+  Lightning checkpoint, loaded strictly; an smp folder's config.json must agree with the model's.
 
 Every load here uses `torch.load(..., weights_only=True)`: no code runs from a checkpoint file.
 """
@@ -28,7 +31,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 __all__ = ["AtomicCheckpointIO", "CheckedLoading", "CheckpointMismatchError", "RunCheckpoint", "check_checkpoint_fits",
-           "find_checkpoint", "load_checkpoint"]
+           "find_checkpoint", "load_checkpoint", "load_model_weights"]
 
 RUN_DIR = re.compile(r"version_(\d+)")
 ARCH_OPT_IN = "--use_checkpoint_architecture true"
@@ -254,3 +257,41 @@ class CheckedLoading:
         path = trainer.ckpt_path if trainer is not None else None
         check_checkpoint_fits(self, checkpoint, f"checkpoint {path}" if path else "the checkpoint",
                               self.architecture_hparams)
+
+
+def _state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = load_checkpoint(path, mmap=False)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
+        state = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointMismatchError(f"{path} is not a state dict of tensors (nor a Lightning checkpoint)")
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load `path` (see the module docstring) into `model` strictly; `CheckpointMismatchError` naming what differs."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not files:
+            raise FileNotFoundError(f"init weights {path}: a folder needs model.safetensors (smp save_pretrained)")
+        saved = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        own = dict(getattr(model, "_hub_mixin_config", None) or {})
+        diffs = [(k, saved[k], own[k]) for k in sorted(set(saved) & set(own))
+                 if k != "encoder_weights" and _plain(saved[k]) != _plain(own[k])]
+        cls = saved.get("_model_class")
+        if cls and cls != type(model).__name__:
+            diffs.insert(0, ("model class", cls, type(model).__name__))
+        if diffs:
+            raise CheckpointMismatchError(f"init weights {path} were saved for another model: " + "; ".join(
+                f"{k}: saved {a!r}, model {b!r}" for k, a, b in diffs[:6]))
+        path = files[0]
+    elif not path.is_file():
+        raise FileNotFoundError(f"init weights {path}: no such file or folder")
+    state = _state_dict_file(path)
+    check_checkpoint_fits(model, {"state_dict": state}, f"init weights {path}")
+    model.load_state_dict(state, strict=True)

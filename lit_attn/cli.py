@@ -207,6 +207,12 @@ def cli_main(args=None, run: bool = True) -> LitAttnCLI:
 
 
 def main() -> None:
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "convert":  # `lit-attn convert ...`: not a LightningCLI subcommand
+        from lit_attn.convert.cli import main as convert_main
+
+        sys.exit(convert_main(sys.argv[2:]))
     cli_main()
 
 

@@ -15,10 +15,14 @@ NAMES = {"nonlocal": "embedded", "nonlocal_gaussian": "gaussian", "nonlocal_dot"
          "nonlocal_concat": "concat"}
 
 
-def _pool_ref(x):
-    """2x2 max pooling, stride 2, a partial window at an odd border (ceil_mode)."""
+def _pool_ref(x, ceil=False):
+    """2x2 max pooling, stride 2: an odd last row/column dropped (floor, official Caffe2 and mmcv), or kept in a
+    partial window (ceil)."""
     h, w = x.shape[-2:]
-    x = F.pad(x, (0, w % 2, 0, h % 2), value=float("-inf"))
+    if ceil:
+        x = F.pad(x, (0, w % 2, 0, h % 2), value=float("-inf"))
+    else:
+        x = x[..., : h - h % 2, : w - w % 2]
     return x.unflatten(2, (-1, 2)).unflatten(4, (-1, 2)).amax((3, 5))
 
 
@@ -29,7 +33,7 @@ def _conv1x1(m, t):
 def naive(blk: NonLocal2d, x, check_branches=True):
     """z = x + BN(W_z y), y_i = sum_j f_ij g_j with the explicit (B, N, N') affinity f."""
     b, _, h, w = x.shape
-    xk = _pool_ref(x) if blk.sub_sample else x              # keys/values pooled before phi/g
+    xk = _pool_ref(x, blk.pool_ceil) if blk.sub_sample else x   # keys/values pooled before phi/g
     g = _conv1x1(blk.g, xk).flatten(2).transpose(1, 2)      # (B, N', d)
     if blk.mode == "gaussian":
         q, k = x.flatten(2).transpose(1, 2), xk.flatten(2).transpose(1, 2)
@@ -81,14 +85,40 @@ def test_matches_naive_reference(mode, sub_sample):
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("pool_ceil", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_sub_sample_on_odd_map(mode, pool_ceil):
+    """9x11: floor (default, official) pools to 4x5 keys, as F.max_pool2d(2, 2); ceil to 5x6."""
+    blk = _randomize(NonLocal2d(8, mode=mode, sub_sample=True, pool_ceil=pool_ceil, dtype=torch.float64), seed=5)
+    x = torch.randn(2, 8, 9, 11, dtype=torch.float64)
+    xk = F.max_pool2d(x, 2, 2, ceil_mode=pool_ceil)
+    assert xk.shape[-2:] == ((5, 6) if pool_ceil else (4, 5))
+    torch.testing.assert_close(_pool_ref(x, pool_ceil), xk, rtol=0, atol=0)
+    torch.testing.assert_close(blk(x), naive(blk, x), rtol=1e-9, atol=1e-9)
+    other = _randomize(NonLocal2d(8, mode=mode, sub_sample=True, pool_ceil=not pool_ceil, dtype=torch.float64),
+                       seed=5)
+    assert not torch.allclose(other(x), blk(x), atol=1e-6)   # the last row/column matters
+
+
+def test_sub_sample_floor_is_the_default():
+    assert NonLocal2d(8, sub_sample=True).pool_ceil is False
+    assert "pool_ceil=False" in repr(NonLocal2d(8, sub_sample=True))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", [(1, 1), (1, 5), (3, 2)])
 def test_small_and_thin_maps_with_sub_sample(mode, size):
-    blk = _randomize(NonLocal2d(8, mode=mode, sub_sample=True, dtype=torch.float64), seed=1)
+    blk = _randomize(NonLocal2d(8, mode=mode, sub_sample=True, pool_ceil=True, dtype=torch.float64), seed=1)
     x = torch.randn(1, 8, *size, dtype=torch.float64)
     out = blk(x)
     assert out.shape == x.shape
     torch.testing.assert_close(out, naive(blk, x, check_branches=False), rtol=1e-9, atol=1e-9)
+    floor = _randomize(NonLocal2d(8, mode=mode, sub_sample=True, dtype=torch.float64), seed=1)
+    if min(size) < 2:                                       # floor leaves no keys: a clear error
+        with pytest.raises(ValueError, match="pool_ceil=True"):
+            floor(x)
+    else:
+        torch.testing.assert_close(floor(x), naive(floor, x, check_branches=False), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -175,7 +205,7 @@ def test_sub_sample_pools_before_the_convs():
     x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
     y_ref = naive(blk, x)
     theta = _conv1x1(blk.theta, x).flatten(2)
-    phi, g = (_pool_ref(_conv1x1(m, x)).flatten(2) for m in (blk.phi, blk.g))   # mmcv order
+    phi, g = (F.max_pool2d(_conv1x1(m, x), 2, 2).flatten(2) for m in (blk.phi, blk.g))   # mmcv order
     y = (g @ phi.transpose(1, 2) @ theta / phi.shape[-1]).reshape(1, -1, 6, 6)
     y_mmcv = x + blk.norm(_conv1x1(blk.w_z, y))             # eval BN (checked explicitly in naive)
     torch.testing.assert_close(blk(x), y_ref)

@@ -288,3 +288,54 @@ def test_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
 def test_run_checkpoint_refuses_remote_dirpath():
     with pytest.raises(ValueError, match="local dirpath"):
         RunCheckpoint(dirpath="s3://bucket/ckpt")
+
+
+def test_init_weights_start_a_fit_but_not_a_resumed_one(tmp_path, digits_root):
+    """SegmentationTask(init_weights=...): a converted / saved model folder or state dict starts a new fit."""
+    cfg = tiny_config(tmp_path, digits_root, logger="csv", max_steps=2, val_check_interval=2)
+    first = cli_main(["fit", "--config", str(cfg)])
+    trained = {k: v.clone() for k, v in first.model.model.state_dict().items()}
+    torch.save(trained, tmp_path / "weights.pth")
+    seen = {}
+
+    from lit_attn.tasks import SegmentationTask
+
+    def grab(self):
+        seen["weights"] = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    original = SegmentationTask.on_train_start
+    SegmentationTask.on_train_start = grab
+    try:
+        cli_main(["fit", "--config", str(cfg), "--model.init_args.init_weights", str(tmp_path / "weights.pth"),
+                  "--seed_everything", "1"])
+        assert all(torch.equal(seen["weights"][k], v) for k, v in trained.items())  # started from the file
+        last = tmp_path / "run" / "ckpt" / "version_0" / "last.ckpt"
+        resumed_from = {k[len("model."):]: v for k, v in torch.load(last, weights_only=True)["state_dict"].items()
+                        if k.startswith("model.")}
+        torch.save({k: v + 1 if v.is_floating_point() else v for k, v in trained.items()}, tmp_path / "other.pth")
+        cli_main(["fit", "--config", str(cfg), "--model.init_args.init_weights", str(tmp_path / "other.pth"),
+                  "--ckpt_path", str(last), "--trainer.max_steps", "3"])
+        assert all(torch.equal(seen["weights"][k], v) for k, v in resumed_from.items())  # the checkpoint wins
+    finally:
+        SegmentationTask.on_train_start = original
+    bad = {k: v for k, v in trained.items() if "aux" not in k}
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointMismatchError, match="missing"):
+        cli_main(["fit", "--config", str(cfg), "--model.init_args.init_weights", str(tmp_path / "bad.pth")])
+
+
+def test_load_model_weights_from_an_smp_folder(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    from lit_attn.checkpoints import load_model_weights
+
+    src = smp.create_model("danet", encoder_name="resnet18", encoder_weights=None, classes=3, decoder_channels=32)
+    src.save_pretrained(str(tmp_path / "folder"))
+    dst = smp.create_model("danet", encoder_name="resnet18", encoder_weights=None, classes=3, decoder_channels=32)
+    load_model_weights(dst, tmp_path / "folder")
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True))
+    # same shapes, other output stride: refused by the folder's config.json, naming the field
+    other = smp.create_model("danet", encoder_name="resnet18", encoder_weights=None, classes=3, decoder_channels=32,
+                             encoder_output_stride=16)
+    with pytest.raises(CheckpointMismatchError, match="encoder_output_stride: saved 8, model 16"):
+        load_model_weights(other, tmp_path / "folder")

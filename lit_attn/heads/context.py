@@ -172,27 +172,30 @@ class DNLHead(AttnHead):
     lit_attn's `dnl_mmseg`: theta/phi/g 1x1 C -> C // reduction with bias, whitened pairwise softmax scaled by
     1/sqrt(C') and 1/temperature plus the unary softmax-mask term (conv_mask 1x1 C -> 1), out =
     x + BN(conv_out(pairwise + unary)) (conv_out without bias), mmcv's init (identity at init) and mmseg's
-    module names (`dnl_block.*` keys load as `attn.*`). Same maths and parameter count as mmseg; only the
-    embedded-Gaussian mode exists (the only one mmseg's DNL scales by the temperature), and the block's norm
-    is always BatchNorm2d (mmseg uses the head's norm_cfg). Cost O(N^2 C) time, O(N C) memory (no N x N
-    matrix; mmseg builds it), N = H*W. R-50-D8, K = 19: 24,132,372 parameters, as mmseg.
+    module names (`dnl_block.*` keys load as `attn.*`). `conv_out_form="per_term"` applies conv_out to each
+    term separately (see `DisentangledNonLocal2d`; "sum", the default, is every released mmseg's code). Same
+    maths and parameter count as mmseg; only the embedded-Gaussian mode exists (the only one mmseg's DNL
+    scales by the temperature), and the block's norm is always BatchNorm2d (mmseg uses the head's norm_cfg).
+    Cost O(N^2 C) time, O(N C) memory (no N x N matrix; mmseg builds it), N = H*W. R-50-D8, K = 19:
+    24,132,372 parameters, as mmseg.
     """
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, *, reduction: int = 2,
                  use_scale: bool = True, mode: str = "embedded_gaussian", temperature: float = 0.05,
-                 dropout: float = 0.1, kernel_size: int = 3, dilation: int = 1,
+                 conv_out_form: str = "sum", dropout: float = 0.1, kernel_size: int = 3, dilation: int = 1,
                  norm_layer: LayerSpec = nn.BatchNorm2d, act_layer: LayerSpec = nn.ReLU):
         if mode != "embedded_gaussian":
             raise ValueError(f"DNLHead: only mode='embedded_gaussian' is implemented, got {mode!r}")
         kwargs = {"mode": "mmseg", "temperature": temperature, "use_scale": bool(use_scale),
-                  "rd_ratio": _inner_ratio("DNLHead", channels, reduction)}
+                  "rd_ratio": _inner_ratio("DNLHead", channels, reduction), "conv_out_form": conv_out_form}
         super().__init__(in_channels, channels, num_classes, attention="dnl_mmseg", attention_kwargs=kwargs,
                          dropout=dropout, kernel_size=kernel_size, dilation=dilation, norm_layer=norm_layer,
                          act_layer=act_layer)
         self.reduction, self.use_scale, self.mode, self.temperature = reduction, bool(use_scale), mode, temperature
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction}, use_scale={self.use_scale}, temperature={self.temperature}"
+        form = f", conv_out_form={self.attn.conv_out_form!r}" if self.attn.conv_out_form != "sum" else ""
+        return f"reduction={self.reduction}, use_scale={self.use_scale}, temperature={self.temperature}{form}"
 
 
 _GC_POOLING = ("att", "avg")

@@ -139,12 +139,12 @@ class AttnSegmentationModel(SegmentationModel):
 
 class AttnFCN(AttnSegmentationModel):
     """FCN head with any lit_attn block between its convs (`attention=<registered name>`, mmseg's
-    NLHead/GCHead pattern), on any smp or timm ("tu-") encoder."""
+    NLHead/GCHead pattern), on any smp or timm ("tu-") encoder; `attention=None` is mmseg's FCN-D8 head."""
 
     arch = "attnfcn"
 
     @supports_config_loading
-    def __init__(self, attention: str = "psa_p", attention_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(self, attention: str | None = "psa_p", attention_kwargs: dict[str, Any] | None = None, **kwargs: Any):
         self._attention = (attention, attention_kwargs)
         super().__init__(**kwargs)
 

@@ -24,6 +24,7 @@ from ._utils import check_channels, check_input, factory
 
 _MODES = ("official", "mmseg")
 _TEMPERATURE = {"official": 0.1, "mmseg": 0.05}
+_CONV_OUT_FORMS = ("sum", "per_term")
 
 
 def _conv(cin: int, cout: int, bias: bool, dd: dict) -> nn.Sequential:
@@ -43,8 +44,12 @@ class DisentangledNonLocal2d(nn.Module):
     (their ADE20K config; the Cityscapes "NLin" config uses 0.05); all convs N(0, 0.01), biases 0. The unary
     term is not gated, so this mode is *not* the identity at init. `mode="mmseg"` (`dnl_mmseg`, mmseg's
     `DisentangledNonLocal2d` as DNLHead builds it): g is C -> C/2 with bias and out = x + BN(conv_out(pairwise
-    + unary)) with one 1x1 conv_out C/2 -> C (no bias) + BN applied to the *sum* of both terms (an unmerged
-    fork applied it to each term separately; mmseg never did), temperature 0.05; init as mmcv: theta/phi/g
+    + unary)) with one 1x1 conv_out C/2 -> C (no bias) + BN applied to the *sum* of both terms
+    (`conv_out_form="sum"`: the code of every released mmseg, 0.6 to 0.30 and 1.x), temperature 0.05;
+    `conv_out_form="per_term"` applies conv_out + BN to each term separately, out = x + BN(conv_out(pairwise))
+    + BN(conv_out(unary)) (the BN shift counted twice: a variant attributed to mmseg 0.x that no released
+    mmseg has, kept for checkpoints trained with it; same weights, outputs that differ by one BN shift, and
+    in training the BN sees both terms, as that code would); init as mmcv: theta/phi/g
     N(0, 0.01), BN weight and bias 0 (identity at init), conv_mask PyTorch's default. Module names follow
     mmseg (`theta.conv`, `phi.conv`, `g.conv`, `conv_out.conv`, `conv_out.bn`, `conv_mask`) in both modes;
     official checkpoints map conv_query/conv_key/conv_value -> theta.conv/phi.conv/g.conv. Not implemented:
@@ -56,7 +61,8 @@ class DisentangledNonLocal2d(nn.Module):
     no_grad_params = ("theta.conv.bias", "phi.conv.bias")
 
     def __init__(self, channels: int, *, mode: str = "official", temperature: float | None = None,
-                 use_scale: bool = True, rd_ratio: float = 0.5, act_layer=None, device=None, dtype=None):
+                 use_scale: bool = True, rd_ratio: float = 0.5, conv_out_form: str = "sum", act_layer=None,
+                 device=None, dtype=None):
         super().__init__()
         name = type(self).__name__
         check_channels(name, channels)
@@ -67,8 +73,12 @@ class DisentangledNonLocal2d(nn.Module):
             raise ValueError(f"{name}: temperature must be > 0, got {temperature!r}")
         if not rd_ratio > 0:
             raise ValueError(f"{name}: rd_ratio must be > 0, got {rd_ratio!r}")
+        if conv_out_form not in _CONV_OUT_FORMS:
+            raise ValueError(f"{name}: conv_out_form must be one of {_CONV_OUT_FORMS}, got {conv_out_form!r}")
+        if mode == "official" and conv_out_form != "sum":
+            raise ValueError(f"{name}: conv_out_form applies to mode='mmseg' only (mode='official' has no conv_out)")
         dd = factory(device, dtype)
-        self.channels, self.mode = channels, mode
+        self.channels, self.mode, self.conv_out_form = channels, mode, conv_out_form
         self.temperature, self.use_scale = float(temperature), bool(use_scale)
         self.inter = inter = max(1, int(channels * rd_ratio))
         official = mode == "official"
@@ -99,7 +109,9 @@ class DisentangledNonLocal2d(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, inter={self.inter}, temperature={self.temperature}, use_scale={self.use_scale}"
+        form = f", conv_out_form={self.conv_out_form!r}" if self.conv_out_form != "sum" else ""
+        return (f"mode={self.mode!r}, inter={self.inter}, temperature={self.temperature}, "
+                f"use_scale={self.use_scale}{form}")
 
     def terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(pairwise (B, Cv, H, W), unary (B, Cv, 1, 1)) aggregated values, before gamma / conv_out."""
@@ -119,6 +131,8 @@ class DisentangledNonLocal2d(nn.Module):
         pairwise, unary = self.terms(x)
         if self.mode == "official":
             return x + self.gamma * pairwise + unary
+        if self.conv_out_form == "per_term":
+            return x + self.conv_out(pairwise) + self.conv_out(unary)
         return x + self.conv_out(pairwise + unary)
 
 

@@ -57,20 +57,22 @@ class NonLocal2d(nn.Module):
     key positions, a constant (the official StopGradient). Scale s: `use_scale=None` means the official
     s = dim^-0.5 for "embedded" (the paper's equations show none; `use_scale=False` gives the paper's)
     and s = 1 for "gaussian" (the paper's exp(x_i . x_j); True gives C^-0.5); dot/concat ignore it.
-    `sub_sample` max-pools 2x2 (ceil_mode, so odd sizes and 1x1 work) the keys/values only, never the
-    queries; pooling x *before* the phi/g convs as the official Caffe2 code (mmcv's NonLocal2d pools
-    *after* them, which differs). Init as official: conv weights (and w_f) N(0, 0.01), biases 0, BN gamma 0
-    => identity at init; `norm=False` drops the BN and zero-inits W_z instead (detection fine-tuning);
-    `out_bias=False` drops W_z's bias (mmcv's conv_out, whose following BN cancels it).
-    No activation: act_layer is accepted and ignored. Cost in N = H*W (plus O(N C^2) for the 1x1
-    convs): softmax modes O(N N' C) time, O(N C) memory (fused/chunked attention, no N x N'); dot
-    O(N C^2) by reassociation theta (phi^T g); concat O(N log N + N C) with a sort and prefix sums. The
-    dot and concat sums over the keys run in fp32 for fp16/bf16 inputs.
+    `sub_sample` max-pools 2x2, stride 2, the keys/values only, never the queries; pooling x *before* the
+    phi/g convs as the official Caffe2 code (mmcv's NonLocal2d pools *after* them, which differs).
+    `pool_ceil=False` (default) floors the pooled size as the official code and mmcv (an odd last row/column
+    is dropped; sides of 1 cannot be pooled and raise); `pool_ceil=True` keeps it in a partial window
+    (ceil_mode), so odd sizes keep their border and 1-pixel sides work. Init as official: conv weights (and
+    w_f) N(0, 0.01), biases 0, BN gamma 0 => identity at init; `norm=False` drops the BN and zero-inits W_z
+    instead (detection fine-tuning); `out_bias=False` drops W_z's bias (mmcv's conv_out, whose following BN
+    cancels it). No activation: act_layer is accepted and ignored. Cost in N = H*W (plus O(N C^2) for the 1x1
+    convs): softmax modes O(N N' C) time, O(N C) memory (fused/chunked attention, no N x N'); dot O(N C^2) by
+    reassociation theta (phi^T g); concat O(N log N + N C) with a sort and prefix sums. The dot and concat
+    sums over the keys run in fp32 for fp16/bf16 inputs.
     """
 
     def __init__(self, channels: int, *, mode: str = "embedded", rd_ratio: float = 0.5,
-                 sub_sample: bool = False, use_scale: bool | None = None, norm: bool = True,
-                 out_bias: bool = True, act_layer=None, device=None, dtype=None):
+                 sub_sample: bool = False, pool_ceil: bool = False, use_scale: bool | None = None,
+                 norm: bool = True, out_bias: bool = True, act_layer=None, device=None, dtype=None):
         super().__init__()
         check_channels("NonLocal2d", channels)
         mode = _ALIASES.get(mode, mode)
@@ -80,6 +82,7 @@ class NonLocal2d(nn.Module):
             raise ValueError(f"NonLocal2d: rd_ratio must be > 0, got {rd_ratio!r}")
         dd = factory(device, dtype)
         self.channels, self.mode, self.sub_sample = channels, mode, bool(sub_sample)
+        self.pool_ceil = bool(pool_ceil)
         self.inner = inner = max(1, int(channels * rd_ratio))
         self.use_scale = (mode == "embedded") if use_scale is None else bool(use_scale)
         if mode != "gaussian":
@@ -107,13 +110,22 @@ class NonLocal2d(nn.Module):
             nn.init.zeros_(self.w_z.weight)            # no BN: zero W_z gives the identity
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode!r}, inner={self.inner}, sub_sample={self.sub_sample}, "
+        pool = f", pool_ceil={self.pool_ceil}" if self.sub_sample else ""
+        return (f"mode={self.mode!r}, inner={self.inner}, sub_sample={self.sub_sample}{pool}, "
                 f"use_scale={self.use_scale}")
+
+    def _pool(self, x: Tensor) -> Tensor:
+        """The 2x2, stride-2 max-pool of the keys/values (floor or ceil, see `pool_ceil`)."""
+        if not self.pool_ceil and min(x.shape[-2:]) < 2:
+            raise ValueError(f"NonLocal2d(sub_sample=True, pool_ceil=False) pools 2x2 with the official floor "
+                             f"rounding, which leaves no keys for a {tuple(x.shape[-2:])} map; use pool_ceil=True "
+                             f"for maps with a side of 1")
+        return F.max_pool2d(x, 2, 2, ceil_mode=self.pool_ceil)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.channels)
         _, _, h, w = x.shape
-        xk = F.max_pool2d(x, 2, 2, ceil_mode=True) if self.sub_sample else x   # keys/values only
+        xk = self._pool(x) if self.sub_sample else x   # keys/values only
         g = self.g(xk)
         if self.mode in ("embedded", "gaussian"):
             if self.mode == "embedded":

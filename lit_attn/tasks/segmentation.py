@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import ClasswiseWrapper, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from ..checkpoints import CheckedLoading
+from ..checkpoints import CheckedLoading, load_model_weights
 from .inference import label_map, resize, segment, split_outputs
 from .losses import SegmentationLoss
 from .optim import configure_poly_optimizer
@@ -46,6 +46,9 @@ class SegmentationTask(CheckedLoading, LightningModule):
             the data module's training `crop_size`: Lightning refuses equal hparam names with other values).
         test_scales, test_flip: multi-scale + horizontal-flip testing (probabilities averaged).
         class_names: names for per-class IoU logging (default: the data module's, else indices).
+        init_weights: weights to start `fit` from (not when resuming, nor for validate/test/predict): an smp
+            `save_pretrained` folder such as `lit-attn convert mmseg` writes, a `.safetensors` / `.pth` state dict
+            of the model, or a Lightning checkpoint; loaded strictly (`lit_attn.checkpoints.load_model_weights`).
 
     Loading a checkpoint (`Trainer(ckpt_path=...)`, `load_from_checkpoint`) first checks that it was trained with
     this architecture (`lit_attn.checkpoints.CheckedLoading`) and refuses it with both named otherwise.
@@ -58,7 +61,7 @@ class SegmentationTask(CheckedLoading, LightningModule):
                  warmup_ratio: float = 1e-6, poly_power: float = 0.9, min_lr: float = 1e-4,
                  test_mode: str = "whole", test_crop_size: Sequence[int] | None = None,
                  test_stride: Sequence[int] | None = None, test_scales: Sequence[float] = (1.0,),
-                 test_flip: bool = False, class_names: list[str] | None = None):
+                 test_flip: bool = False, class_names: list[str] | None = None, init_weights: str | None = None):
         super().__init__()
         if _given_hyperparameters.get() is None:  # built in Python: the model is saved in the state dict
             self.save_hyperparameters(ignore=["model"])
@@ -80,6 +83,10 @@ class SegmentationTask(CheckedLoading, LightningModule):
             "mIoU": MulticlassJaccardIndex(k, average="macro", ignore_index=ig, validate_args=False),
             "acc": MulticlassAccuracy(k, average="micro", ignore_index=ig, validate_args=False),
         }, prefix=prefix)
+
+    def on_fit_start(self) -> None:  # after a resumed checkpoint was restored: only a fresh fit takes init_weights
+        if self.hparams.init_weights and self.trainer.ckpt_path is None:
+            load_model_weights(self.model, self.hparams.init_weights)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -1,0 +1,90 @@
+"""`lit-attn convert mmseg CKPT OUT_DIR [...]`: the converter's command line (dispatched by `lit_attn.cli.main`
+before LightningCLI). Expected failures print one message, without a traceback, and exit non-zero (2 corrupt
+file, 3 not an mmseg checkpoint, 4 unsupported model, 5 key mapping, 1 other)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import ConvertError
+
+__all__ = ["main"]
+
+_EPILOG = """\
+Writes an smp save_pretrained folder (config.json, model.safetensors) plus mmseg_conversion.json (the source,
+each setting and where it came from). Load it with:
+    import lit_attn, segmentation_models_pytorch as smp
+    model = smp.from_pretrained(OUT_DIR)        # eval(); inputs normalised as mmseg's (ImageNet mean/std)
+"""
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a JSON object is needed, e.g. '{\"psa_type\": \"collect\"}'")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .mmseg import ARCH_ALIASES, DNL_FORMS, MMSEG_HEADS
+
+    parser = argparse.ArgumentParser(prog="lit-attn convert", description="Convert another library's checkpoint "
+                                     "into a lit_attn smp model folder.")
+    sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    p = sub.add_parser("mmseg", help="an mmsegmentation 0.x / 1.x checkpoint", epilog=_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Convert an mmsegmentation checkpoint (DANet, CCNet, ISANet, EMANet, NonLocal, "
+                                   "DNLNet, GCNet, OCRNet, PSANet, APCNet, ANN or FCN head on ResNetV1c / ResNet) "
+                                   "into the matching lit_attn smp architecture.")
+    p.add_argument("checkpoint", metavar="CKPT", help="the mmseg .pth file")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (must not exist or be empty)")
+    p.add_argument("--arch", choices=sorted({*MMSEG_HEADS, *ARCH_ALIASES}), metavar="NAME",
+                   help="confirm the architecture (detected from the keys; a mismatch is an error): "
+                        + ", ".join(MMSEG_HEADS))
+    p.add_argument("--dnl-form", choices=list(DNL_FORMS), default=None,
+                   help="DNLNet: conv_out on the sum of both terms ('sum' = '0.x' = '1.x': what every released "
+                        "mmseg computes; the default) or on each term ('per_term')")
+    p.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=None,
+                   help="when the checkpoint's meta has no config (default 8, mmseg's D8), or to override it")
+    p.add_argument("--decoder-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="head settings the checkpoint cannot tell, e.g. '{\"psa_type\": \"collect\"}'")
+    p.add_argument("--lightning-ckpt", default=None, metavar="FILE",
+                   help="also write the weights as a Lightning checkpoint of SegmentationTask, for lit-attn "
+                        "test|validate|predict --config <recipe with the same widths> --ckpt_path FILE")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (and --lightning-ckpt)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `lit-attn convert ...` with `argv` (without the leading "convert"); returns the exit code."""
+    args = _parser().parse_args(argv)
+    from . import convert_mmseg_checkpoint
+
+    try:
+        conv = convert_mmseg_checkpoint(args.checkpoint, args.out_dir, arch=args.arch, dnl_form=args.dnl_form,
+                                        output_stride=args.output_stride, decoder_kwargs=args.decoder_kwargs,
+                                        overwrite=args.overwrite, lightning_ckpt=args.lightning_ckpt)
+    except ConvertError as e:
+        message = str(e) if args.checkpoint in str(e) else f"{args.checkpoint}: {e}"
+        print(f"lit-attn convert: error ({e.kind}): {message}", file=sys.stderr)
+        return e.exit_code
+    plan = conv.plan
+    print(f"{args.checkpoint}: mmseg {plan.head_type} (mmseg {plan.mmseg_version or 'version unknown'}) -> "
+          f"{plan.arch}, {conv.num_tensors} tensors loaded strictly")
+    for key, note in plan.notes.items():
+        print(f"  {key}: {note}")
+    for note in conv.notes:
+        print(f"  note: {note}")
+    print(f"wrote {conv.out_dir} (load: import lit_attn, segmentation_models_pytorch as smp; "
+          f"smp.from_pretrained({str(conv.out_dir)!r}))")
+    if args.lightning_ckpt:
+        print(f"wrote {args.lightning_ckpt} (lit-attn test --config <recipe> --ckpt_path {args.lightning_ckpt})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
