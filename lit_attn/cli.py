@@ -25,11 +25,11 @@ import os
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import lit_attn  # noqa: F401  (registers the blocks and timm names)
 import lit_attn.data  # noqa: F401  (short class names in configs)
@@ -163,6 +163,11 @@ class LitAttnCLI(LightningCLI):
     # ------------------------------------------------------------------ trainer and subcommands
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        if not trainer.loggers:  # --trainer.logger false: a LearningRateMonitor would refuse to start
+            monitors = [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
+            if monitors:
+                rank_zero_info("lit-attn: no logger, so the LearningRateMonitor callback is left out")
+                trainer.callbacks = [c for c in trainer.callbacks if c not in monitors]
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # no CheckpointIO plugin configured
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -213,6 +218,10 @@ def main() -> None:
         from lit_attn.convert.cli import main as convert_main
 
         sys.exit(convert_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "export":  # `lit-attn export ...`: likewise
+        from lit_attn.export import main as export_main
+
+        sys.exit(export_main(sys.argv[2:]))
     cli_main()
 
 
