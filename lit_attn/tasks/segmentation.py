@@ -33,7 +33,10 @@ class SegmentationTask(CheckedLoading, LightningModule):
 
     Args:
         model: any nn.Module mapping images (B, 3, H, W) to logits (B, num_classes, h, w), or in
-            training mode to (main, *aux) logits (see docs/TRAINING_CONTRACTS.md).
+            training mode to (main, *aux) logits. A model with a `forward_with_aux(x)` method returning
+            `(main, *aux)` logits (lit_attn's smp architectures, whose `forward` returns a Tensor as smp's models)
+            is trained through it, so its auxiliary outputs enter the loss; evaluation calls `model(x)` (see
+            docs/TRAINING_CONTRACTS.md).
         num_classes: number of classes (the data module's, linked by the CLI).
         loss: "ce", "ohem", "dice", "lovasz", or a "+"-joined sum (e.g. "ce+dice").
         aux_weight: weight of each auxiliary output's loss: a float for all of them, a list (one per
@@ -126,10 +129,22 @@ class SegmentationTask(CheckedLoading, LightningModule):
                              f"{n} auxiliary outputs")
         return weights
 
+    def _training_outputs(self, image: Tensor):
+        """The model's outputs for the loss: `forward_with_aux(image)` where the model offers auxiliary outputs
+        that way (its `forward` returns the main logits only), else `model(image)`."""
+        forward_with_aux = getattr(self.model, "forward_with_aux", None)
+        return forward_with_aux(image) if callable(forward_with_aux) else self.model(image)
+
     def training_step(self, batch, batch_idx):
         image, mask = batch["image"], batch["mask"]
-        main, aux = split_outputs(self.model(image))
+        main, aux = split_outputs(self._training_outputs(image))
         self._check_logits(main)
+        for a in aux:
+            if not isinstance(a, Tensor) or a.ndim != 4:
+                shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+                raise ValueError(f"the model returned an auxiliary output of shape {shape} next to its logits; "
+                                 f"SegmentationTask trains auxiliary logits (B, K, h, w) only (an smp model built "
+                                 f"with aux_params returns (mask, label): the classification head has no loss here)")
         loss_main = self.criterion(resize(main, mask.shape[-2:]), mask)
         loss = loss_main
         weights = self._aux_weights(len(aux))
