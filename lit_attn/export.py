@@ -72,7 +72,8 @@ def _export_program(model: nn.Module, x: Tensor, dynamic: bool):
     if not dynamic:
         return torch.export.export(model, (x,))
     # Dim.DYNAMIC lets the exporter narrow the range to what the model supports (e.g. maps larger than 1 pixel)
-    return torch.export.export(model, (x,), dynamic_shapes=({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC},))
+    dynamic = torch.export.Dim.DYNAMIC
+    return torch.export.export(model, (x,), dynamic_shapes=({2: dynamic, 3: dynamic},))
 
 
 def _write(model: nn.Module, x: Tensor, path: Path, fmt: str, exporter: str, dynamic: bool, opset: int | None):

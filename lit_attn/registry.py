@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from timm.layers import register_notrace_module
 from torch import nn
 
 # kinds of block, following how the block is placed in a network
@@ -62,6 +63,10 @@ def register_attn(name: str, *, family: str, kind: str, paper: str, year: int, a
         if key in _REGISTRY and _REGISTRY[key].cls is not c:
             raise ValueError(f"attention name {key!r} is already registered to {_REGISTRY[key].cls}")
         _REGISTRY[key] = AttnEntry(key, c, family, kind, paper, year, attends, cost, source, dict(defaults))
+        if source == "lit_attn" and isinstance(c, type) and issubclass(c, nn.Module):
+            # a leaf for timm's FX feature extraction (torch.fx cannot trace the blocks' shape checks, size
+            # arithmetic and custom autograd functions; the leaf runs eagerly inside the traced graph)
+            register_notrace_module(c)
         return c
 
     return add(cls) if cls is not None else add

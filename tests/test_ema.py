@@ -58,6 +58,9 @@ def randomise(block: EMAUnit) -> EMAUnit:
     with torch.no_grad():
         for p in block.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        if not block.em_grad:  # the frozen mid conv's weight and bias are buffers (FrozenConv2d)
+            for t in (block.conv1.weight, block.conv1.bias):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
         bn = block.conv2[1]
         bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
         bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
@@ -131,7 +134,9 @@ def test_conv1_gets_no_gradient_unless_em_grad():
     m = make().train()
     assert not m.conv1.weight.requires_grad and not m.conv1.bias.requires_grad
     assert set(m.no_grad_params) == {"conv1.weight", "conv1.bias"}
-    m.requires_grad_(True)  # even unfrozen, the EM under no_grad cuts conv1 off
+    # frozen as buffers: not parameters at all (timm's backward test wants a gradient for every parameter)
+    assert not any(n.startswith("conv1.") for n, _ in m.named_parameters())
+    m.requires_grad_(True)  # does not reach the buffers; the EM under no_grad cuts conv1 off anyway
     x = rand(2, 16, 5, 6).requires_grad_()
     (m(x) * rand(2, 16, 5, 6, seed=3)).sum().backward()
     assert m.conv1.weight.grad is None and m.conv1.bias.grad is None

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.pooling import adaptive_avg_pool2d
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 from .conv_module import ConvModule
 
 _PAPER = "Adaptive Pyramid Context Network for Semantic Segmentation (CVPR 2019, no arXiv id)"
@@ -22,7 +23,7 @@ _PAPER = "Adaptive Pyramid Context Network for Semantic Segmentation (CVPR 2019,
 
 @register_attn("acm", family="apcnet", kind=GLOBAL, paper=_PAPER, year=2019,
                attends="s x s pooled regions (per-pixel sigmoid affinity)", cost="O(N s^2 C + N C^2)")
-class ACM(nn.Module):
+class ACM(TimmInitHooks, nn.Module):
     """Adaptive Context Module, from "Adaptive Pyramid Context Network for Semantic Segmentation"
     (He et al., CVPR 2019, no arXiv id), as mmseg's `ACM` (no official code): with ConvModule =
     1x1 conv (no bias) + BN + ReLU, pooled = pooled_redu_conv(adaptive_avg_pool(x, s)) (s^2 regions),
@@ -38,7 +39,9 @@ class ACM(nn.Module):
     conv-norm-act units (ReLU, BatchNorm2d; the ReLU after the residual sum is fixed, as mmseg);
     rd_ratio is accepted and ignored. In training,
     BN sees the (B, C', 1, 1) global feature, so batch size 1 fails there (as mmseg with BN).
-    Cost O(N C C' + N C'^2 + N s^2 C') time, O(N (C' + s^2)) memory, N = H*W.
+    Cost O(N C C' + N C'^2 + N s^2 C') time, O(N (C' + s^2)) memory, N = H*W. The s x s pooling goes
+    through `lit_attn.ops.pooling.adaptive_avg_pool2d` (matrix products with the same bins while exporting,
+    so ONNX export works at any H, W).
     """
 
     def __init__(self, channels: int, *, out_channels: int | None = None, pool_scale: int = 3, fusion: bool = True,
@@ -73,8 +76,9 @@ class ACM(nn.Module):
         return torch.sigmoid(self.gla(x_red + self.global_info(F.adaptive_avg_pool2d(x_red, 1))))
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
-        pooled = self.pooled_redu_conv(F.adaptive_avg_pool2d(x, self.pool_scale)).flatten(2)  # (B, C', s^2)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
+        pooled = self.pooled_redu_conv(adaptive_avg_pool2d(x, self.pool_scale)).flatten(2)  # (B, C', s^2)
         x_red = self.input_redu_conv(x)
         z = torch.matmul(pooled, self.affinity(x_red).flatten(2))                              # (B, C', N)
         z = self.residual_conv(z.unflatten(2, x_red.shape[-2:]))

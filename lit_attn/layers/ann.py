@@ -21,12 +21,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import global_attention, map_to_tokens, tokens_to_map
+from ..ops.pooling import adaptive_avg_pool2d
 from ..registry import GLOBAL, HEAD, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 from .conv_module import ConvModule
 
 _PAPER = "Asymmetric Non-local Neural Networks for Semantic Segmentation (ICCV 2019, arXiv 1908.07678)"
@@ -36,8 +36,10 @@ POOL_SIZES = (1, 3, 6, 8)
 def pyramid_pool(x: Tensor, sizes: Sequence[int] = POOL_SIZES) -> Tensor:
     """(B, C, H, W) -> (B, C, S): adaptive average pools of x at each size s (s x s cells), flattened in
     row-major order and concatenated, S = sum(s^2) (110 for (1, 3, 6, 8)). Any H, W >= 1 (a map
-    smaller than s is replicated by the adaptive pooling windows, as in PyTorch's AdaptiveAvgPool2d)."""
-    return torch.cat([F.adaptive_avg_pool2d(x, s).flatten(2) for s in sizes], 2)
+    smaller than s is replicated by the adaptive pooling windows, as in PyTorch's AdaptiveAvgPool2d). While
+    exporting, the same bins are pooled with matrix products (`lit_attn.ops.pooling`), so ONNX export works at
+    any H, W."""
+    return torch.cat([adaptive_avg_pool2d(x, s).flatten(2) for s in sizes], 2)
 
 
 def pyramid_attention(query: Tensor, key: Tensor, value: Tensor, sizes: Sequence[int] = POOL_SIZES) -> Tensor:
@@ -78,7 +80,7 @@ def _dropout(name: str, p: float) -> nn.Module:
 
 @register_attn("apnb", family="ann", kind=GLOBAL, paper=_PAPER, year=2019,
                attends="pyramid-pooled positions (S = 110 anchors)", cost="O(N S C), S = 110")
-class APNB(nn.Module):
+class APNB(TimmInitHooks, nn.Module):
     """Asymmetric Pyramid Non-local Block, from "Asymmetric Non-local Neural Networks for Semantic
     Segmentation" (Zhu et al., ICCV 2019, arXiv 1908.07678). q = k = key_project(x) (one shared
     1x1 conv-BN-ReLU C -> key_channels, f_query = f_key as in the official code and mmseg's
@@ -116,6 +118,8 @@ class APNB(nn.Module):
         self.dropout = _dropout(name, dropout)
         self.reset_parameters()
 
+    __jit_unused_properties__ = ["query_project"]  # TorchScript compiles module properties; forward does not use it
+
     @property
     def query_project(self) -> nn.Module:
         """The query projection is the key projection (one module, one set of weights). It is not
@@ -140,7 +144,8 @@ class APNB(nn.Module):
         return self.out_project(pyramid_attention(qk, qk, self.value_project(x), self.pool_sizes))
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         out = self.dropout(self.bottleneck(torch.cat([self.context(x), x], 1)))
         # a ReLU's backward reads its output, and callers modify the block's output in place (timm's
         # BasicBlock: x += shortcut): hand back a copy when autograd records the graph

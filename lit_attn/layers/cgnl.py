@@ -13,19 +13,36 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import make_divisible
 from torch import Tensor, nn
 
+from ..ops.amp import no_autocast
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 from .non_local import _acc_dtype
 
 _KERNELS = ("dot", "gaussian")
 
 
-class CGNL(nn.Module):
+def inner_planes(channels: int, rd_ratio: float, groups: int) -> int:
+    """The inner width of theta/phi/g: int(channels * rd_ratio) (the official planes = C/2) when `groups` divides
+    it, else channels * rd_ratio rounded to a multiple of `groups` as timm's `make_divisible` rounds (nearest
+    multiple, at least `groups`, never more than 10% below), so the widths timm's attention slots ask for
+    (efficientnet / byobnet `rd_ratio`s) build."""
+    planes = max(1, int(channels * rd_ratio))
+    return planes if planes % groups == 0 else make_divisible(channels * rd_ratio, groups)
+
+
+def _group_dot(a: Tensor, g: Tensor) -> Tensor:
+    """(B, groups, 1): <a, g> over the last dimension, one batched BLAS dot per group (as the official bmm)."""
+    return torch.matmul(a.unsqueeze(-2), g.unsqueeze(-1)).squeeze(-1)
+
+
+class CGNL(TimmInitHooks, nn.Module):
     """Compact generalized non-local block (Compact Generalized Non-local Network, NeurIPS 2018,
     arXiv 1810.13125), the official `SpatialCGNL` / `SpatialCGNLx`. theta (`t`), phi (`p`) and g are 1x1
-    convs C -> C*rd_ratio (C/2) without bias, split into `groups` (8) groups of c channels; within a group
+    convs C -> C*rd_ratio (C/2) without bias (rounded to a multiple of `groups` when C*rd_ratio is not one,
+    see `inner_planes`), split into `groups` (8) groups of c channels; within a group
     every element of the flattened (c*h*w) vector attends to every other: y_j = sum_i f(t_j, p_i) g_i.
     `kernel="dot"` (`cgnl`): f = t_j p_i, so y = <p, g> t with one scalar <p, g> per group (over channels
     AND positions). `kernel="gaussian"` (`cgnl_gaussian`, CGNLx): f = beta * sum_{k<=order} (2 gamma t_j
@@ -53,10 +70,7 @@ class CGNL(nn.Module):
             raise ValueError(f"{name}: order must be a non-negative int, got {order!r}")
         if not gamma > 0:
             raise ValueError(f"{name}: gamma must be > 0, got {gamma!r}")
-        planes = max(1, int(channels * rd_ratio))
-        if planes % groups:
-            raise ValueError(f"{name}: the {planes} inner channels (channels * rd_ratio) must be divisible by "
-                             f"groups={groups}")
+        planes = inner_planes(channels, rd_ratio, groups)
         dd = factory(device, dtype)
         self.channels, self.planes, self.groups = channels, planes, groups
         self.kernel, self.order, self.gamma, self.use_scale = kernel, order, float(gamma), bool(use_scale)
@@ -81,26 +95,24 @@ class CGNL(nn.Module):
         """y_j = sum_i f(t_j, p_i) g_i over the last dimension of (B, groups, c*h*w) tensors, in O(c*h*w)."""
         norm = t.shape[-1] ** -0.5 if self.use_scale else 1.0
 
-        def dot(a: Tensor) -> Tensor:  # (B, groups, 1): one batched BLAS dot per group (as the official bmm)
-            return torch.matmul(a.unsqueeze(-2), g.unsqueeze(-1)).squeeze(-1)
-
         if self.kernel == "dot":
-            return dot(p).mul(norm) * t
+            return _group_dot(p, g).mul(norm) * t
         beta, two_gamma = math.exp(-2 * self.gamma), 2 * self.gamma
         y = g.sum(-1, keepdim=True).mul(beta * norm).expand_as(t)        # k = 0: p^0 = t^0 = 1
         t_k, p_k = t, p
         for k in range(1, self.order + 1):
             coef = beta * two_gamma ** k / math.factorial(k) * norm
-            y = y + dot(p_k).mul(coef) * t_k
+            y = y + _group_dot(p_k, g).mul(coef) * t_k
             if k < self.order:
                 t_k, p_k = t_k * t, p_k * p
         return y
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         t, p, g = self.t(x), self.p(x), self.g(x)
         b, c, h, w = t.shape
-        with torch.autocast(x.device.type, enabled=False):   # sums of c*h*w products, until the GN: fp32
+        with no_autocast(x.device):   # sums of c*h*w products, until the GN: fp32
             acc = _acc_dtype(t)
             t_, p_, g_ = (a.to(acc).reshape(b, self.groups, -1) for a in (t, p, g))
             y = self.aggregate(t_, p_, g_).reshape(b, c, h, w)

@@ -55,6 +55,8 @@ class ConvModule(nn.Sequential):
     `norm_layer` for other norms, as mmcv) and `act`; the `norm` property returns the norm layer.
     """
 
+    __jit_unused_properties__ = ["norm"]  # TorchScript compiles module properties; forward does not use it
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
                  padding: int | None = None, dilation: int = 1, groups: int = 1,
                  norm_layer: LayerSpec = nn.BatchNorm2d, act_layer: LayerSpec = nn.ReLU, device=None, dtype=None):
@@ -79,8 +81,11 @@ class ConvModule(nn.Sequential):
     def norm(self) -> nn.Module | None:
         return getattr(self, self.norm_name) if self.norm_name else None
 
-    def init_weights(self) -> None:
-        """mmcv's ConvModule init: kaiming normal (fan_out, relu) conv weight, zero bias; norm weight 1, bias 0."""
+    def init_weights(self, zero_init_last: bool = False) -> None:
+        """mmcv's ConvModule init: kaiming normal (fan_out, relu) conv weight, zero bias; norm weight 1, bias 0.
+        `zero_init_last` (what timm's byobnet / regnet init passes to every module with an `init_weights`) is
+        accepted and ignored: a ConvModule is no residual branch. The block holding it re-applies its own init
+        afterwards (timm calls the hooks children first)."""
         nn.init.kaiming_normal_(self.conv.weight, a=0, mode="fan_out", nonlinearity="relu")
         if self.conv.bias is not None:
             nn.init.zeros_(self.conv.bias)

@@ -15,14 +15,14 @@ from torch import Tensor, nn
 
 from ..ops.criss_cross import criss_cross_attention_packed
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 
 _PAPER = "CCNet: Criss-Cross Attention for Semantic Segmentation (ICCV 2019, arXiv 1811.11721)"
 
 
 @register_attn("criss_cross", family="ccnet", kind=GLOBAL, paper=_PAPER, year=2019,
                attends="row + column positions (recurrent)", cost="O(N (H + W) C)")
-class CrissCrossAttention(nn.Module):
+class CrissCrossAttention(TimmInitHooks, nn.Module):
     """Recurrent criss-cross attention (RCCA), from "CCNet: Criss-Cross Attention for Semantic
     Segmentation" (Huang et al., ICCV 2019, arXiv 1811.11721): query and key 1x1 convs C -> C/8
     (`reduction`, with bias), value 1x1 conv C -> C (with bias); each pixel takes one joint softmax
@@ -61,6 +61,10 @@ class CrissCrossAttention(nn.Module):
         self.value_conv = nn.Conv2d(channels, channels, 1, **dd)
         self.gamma = nn.Parameter(torch.zeros(1, **dd))
 
+    def reset_parameters(self) -> None:
+        """gamma = 0 (identity at init); the convs keep PyTorch's default init, as official."""
+        nn.init.zeros_(self.gamma)
+
     def project(self, x: Tensor) -> Tensor:
         """The three 1x1 convs as one GEMM, cat([q, k, v], 1), laid out channels_last (as the attention reads it)."""
         weight = torch.cat([self.query_conv.weight, self.key_conv.weight, self.value_conv.weight])
@@ -76,7 +80,8 @@ class CrissCrossAttention(nn.Module):
         return criss_cross_attention_packed(self.project(x), self.query_conv.out_channels, self.gamma, x)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         for _ in range(self.recurrence):
             x = self.step(x)  # channels_last out

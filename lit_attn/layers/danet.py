@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import global_attention, map_to_tokens, tokens_to_map
+from ..ops.amp import no_autocast
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 
 _PAPER = "Dual Attention Network for Scene Segmentation (CVPR 2019, arXiv 1809.02983)"
 CAM_MODES = ("official", "stable")
@@ -37,7 +38,7 @@ def _rd_channels(name: str, channels: int, rd_ratio: float, rd_channels: int | N
 
 @register_attn("danet_pam", family="danet", kind=GLOBAL, paper=_PAPER, year=2019,
                attends="positions", cost="O(N^2 C)")
-class PositionAttention(nn.Module):
+class PositionAttention(TimmInitHooks, nn.Module):
     """DANet position attention module (PAM), from "Dual Attention Network for Scene Segmentation"
     (Fu et al., CVPR 2019, arXiv 1809.02983), as the official `PAM_Module`: query and key are 1x1
     convs C -> C * rd_ratio (C/8, with bias), value a 1x1 conv C -> C (with bias); energy = Q^T K
@@ -60,6 +61,10 @@ class PositionAttention(nn.Module):
         self.value_conv = nn.Conv2d(channels, channels, 1, **dd)
         self.gamma = nn.Parameter(torch.zeros(1, **dd))
 
+    def reset_parameters(self) -> None:
+        """gamma = 0 (identity at init); the convs keep PyTorch's default init, as official."""
+        nn.init.zeros_(self.gamma)
+
     def attend(self, x: Tensor) -> Tensor:
         """The attended features V attention^T, (B, C, H, W), before the gamma-scaled residual."""
         h, w = x.shape[-2:]
@@ -69,13 +74,14 @@ class PositionAttention(nn.Module):
         return tokens_to_map(global_attention(q, k, v, scale=1.0), h, w)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         return x + self.gamma * self.attend(x)
 
 
 @register_attn("danet_cam", family="danet", kind=GLOBAL, paper=_PAPER, year=2019,
                attends="channels", cost="O(N C^2)")
-class ChannelAttention(nn.Module):
+class ChannelAttention(TimmInitHooks, nn.Module):
     """DANet channel attention module (CAM), from "Dual Attention Network for Scene Segmentation"
     (Fu et al., CVPR 2019, arXiv 1809.02983): energy E = X X^T over the C channels (unscaled, no
     convolutions), out = attention X, y = beta * out + x with a scalar beta initialised to 0
@@ -98,18 +104,23 @@ class ChannelAttention(nn.Module):
         self.mode = mode
         self.gamma = nn.Parameter(torch.zeros(1, **factory(device, dtype)))
 
+    def reset_parameters(self) -> None:
+        """beta (`gamma`) = 0: identity at init."""
+        nn.init.zeros_(self.gamma)
+
     def attend(self, x: Tensor) -> Tensor:
         """The attended features attention X, (B, C, H, W), before the beta-scaled residual."""
         b, c, h, w = x.shape
         feats = x.reshape(b, c, h * w)
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device):
             f32 = feats.float() if feats.dtype in (torch.float16, torch.bfloat16) else feats
             energy = torch.bmm(f32, f32.transpose(1, 2))
             attn = torch.softmax(energy.neg() if self.mode == "official" else energy, dim=-1)
         return torch.bmm(attn.to(feats.dtype), feats).reshape(b, c, h, w)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         return x + self.gamma * self.attend(x)
 
     def extra_repr(self) -> str:
@@ -118,7 +129,7 @@ class ChannelAttention(nn.Module):
 
 @register_attn("danet", family="danet", kind=GLOBAL, paper=_PAPER, year=2019,
                attends="positions + channels", cost="O(N^2 C + N C^2)")
-class DualAttention(nn.Module):
+class DualAttention(TimmInitHooks, nn.Module):
     """DANet dual attention, from "Dual Attention Network for Scene Segmentation" (Fu et al.,
     CVPR 2019, arXiv 1809.02983), in plug-in form: the position (`pam`, PositionAttention) and
     channel (`cam`, ChannelAttention) modules run in parallel on the same x and their residual
@@ -141,5 +152,6 @@ class DualAttention(nn.Module):
         self.cam = ChannelAttention(channels, mode=cam_mode, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         return x + self.pam.gamma * self.pam.attend(x) + self.cam.gamma * self.cam.attend(x)

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from timm.layers import get_act_layer
 from torch import Tensor, nn
 
+from ..ops.amp import no_autocast
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 
 _PAPER = "Dynamic Graph Message Passing Networks (CVPR 2020, arXiv 1908.06955)"
 _EXTRA = {"none": 0, "deform": 18, "deformatt": 27}   # offsets (2 x 9 taps) and 9 modulation logits
@@ -41,7 +42,7 @@ def deform_unfold(x: Tensor, offset: Tensor, dilation: int) -> Tensor:
     b, c, h, w = x.shape
     dev = x.device
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    with torch.autocast(dev.type, enabled=False):
+    with no_autocast(dev):
         off = offset.to(acc).view(b, _TAPS, 2, h, w)
         tap = torch.arange(_TAPS, device=dev)
         ky = ((tap // 3 - 1) * dilation).view(1, _TAPS, 1, 1)
@@ -68,7 +69,7 @@ def _gn(channels: int, groups: int, dd: dict) -> nn.GroupNorm:
 @register_attn("dgmn", family="dgmn", kind=GLOBAL, paper=_PAPER, year=2020,
                attends="9 sampled neighbours x 4 dilations per position (dynamic, deformable)",
                cost="O(N C^2)")
-class DynamicGraphMessagePassing(nn.Module):
+class DynamicGraphMessagePassing(TimmInitHooks, nn.Module):
     """DGMN dynamic message passing, from "Dynamic Graph Message Passing Networks" (Zhang, Xu, Arnab,
     Torr, CVPR 2020, arXiv 1908.06955), as the official `DynamicWeightsCat11`: x is reduced to
     C' = C * rd_ratio (C/4) by a 1x1 conv (no bias) + GN + ReLU; for each dilation d in (1, 4, 8, 12)
@@ -144,7 +145,8 @@ class DynamicGraphMessagePassing(nn.Module):
         return torch.einsum("bgrkn,bgkn->bgrn", cols, filt).reshape(b, c, h, w)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         xd = self.scale1(x)
         msgs = [self.message(xd, i) for i in range(len(self.dilations))]
         return x + self.scale3(self.scale2(torch.cat([xd, *msgs], dim=1)))

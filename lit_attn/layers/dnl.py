@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..ops import global_attention, map_to_tokens, tokens_to_map
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 
 _MODES = ("official", "mmseg")
 _TEMPERATURE = {"official": 0.1, "mmseg": 0.05}
@@ -32,7 +32,7 @@ def _conv(cin: int, cout: int, bias: bool, dd: dict) -> nn.Sequential:
     return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, 1, bias=bias, **dd)))
 
 
-class DisentangledNonLocal2d(nn.Module):
+class DisentangledNonLocal2d(TimmInitHooks, nn.Module):
     """Disentangled non-local block (Disentangled Non-Local Neural Networks, ECCV 2020, arXiv 2006.06668).
     theta/phi: 1x1 convs C -> C*rd_ratio (C/2) with bias (the biases cancel in the whitening, so they get
     no gradient: listed in `no_grad_params`); whitening subtracts the mean over positions of q and of k (the
@@ -127,7 +127,8 @@ class DisentangledNonLocal2d(nn.Module):
         return pairwise, unary
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         pairwise, unary = self.terms(x)
         if self.mode == "official":
             return x + self.gamma * pairwise + unary

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 
 _PAPER = "A^2-Nets: Double Attention Networks (NeurIPS 2018, arXiv 1810.11579)"
 
@@ -35,7 +35,7 @@ def _width(name: str, what: str, channels: int, rd_ratio: float, value: int | No
 
 @register_attn("a2", family="a2net", kind=GLOBAL, paper=_PAPER, year=2018,
                attends="n global descriptors", cost="O(N C (m + n))")
-class DoubleAttention(nn.Module):
+class DoubleAttention(TimmInitHooks, nn.Module):
     """Double attention block, from "A^2-Nets: Double Attention Networks" (Chen et al., NeurIPS 2018,
     arXiv 1810.11579), as the paper describes it (no official code was released): A = conv_a(x)
     (1x1, C -> m, the features to gather), B = softmax over the N positions of conv_b(x) (1x1, C -> n;
@@ -65,7 +65,12 @@ class DoubleAttention(nn.Module):
         self.conv_b = nn.Conv2d(channels, n, 1, **dd)
         self.conv_v = nn.Conv2d(channels, n, 1, **dd)
         self.conv_out = nn.Conv2d(m, channels, 1, **dd)
-        if zero_init:
+        self.zero_init = bool(zero_init)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """With `zero_init`, conv_out = 0 (identity at init); the convs keep PyTorch's default init."""
+        if self.zero_init:
             nn.init.zeros_(self.conv_out.weight)
             nn.init.zeros_(self.conv_out.bias)
 
@@ -79,7 +84,8 @@ class DoubleAttention(nn.Module):
         return torch.bmm(g, distribute).reshape(b, self.mid_channels, h, w)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         return x + self.conv_out(self.attend(x))
 
     def extra_repr(self) -> str:

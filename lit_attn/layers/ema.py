@@ -17,8 +17,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.amp import no_autocast
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 
 _PAPER = "Expectation-Maximization Attention Networks for Semantic Segmentation (ICCV 2019, arXiv 1907.13426)"
 
@@ -42,17 +43,45 @@ def em_iterations(feats: Tensor, mu: Tensor, iterations: int, eps: float = 1e-6)
     return mu, z
 
 
+class FrozenConv2d(nn.Module):
+    """A convolution whose `weight` and `bias` are buffers: frozen (no gradient, not in `parameters()`, so no
+    optimizer or timm's every-parameter-gets-a-gradient check sees them), still in the state dict under
+    nn.Conv2d's keys and moved by `.to()` / `.half()`. Built from an nn.Conv2d, whose hyper-parameters and
+    values it takes; `reset_parameters` is nn.Conv2d's default init."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.register_buffer("weight", conv.weight.detach().clone())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.Conv2d.reset_parameters(self)  # kaiming-uniform weight, uniform bias: reads weight/bias/groups only
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"bias={self.bias is not None}, frozen")
+
+
 @register_attn("ema", family="emanet", kind=GLOBAL, paper=_PAPER, year=2019,
                attends="K bases (EM)", cost="O(N C K T)")
-class EMAUnit(nn.Module):
+class EMAUnit(TimmInitHooks, nn.Module):
     """Expectation-Maximization Attention unit (EMAU), from "Expectation-Maximization Attention Networks
     for Semantic Segmentation" (Li et al., ICCV 2019, arXiv 1907.13426), as the official `EMAU`:
     x' = conv1(x) (1x1 with bias); `iterations` (T = 3) EM steps from the bases `mu` (buffer (1, C, K),
     K = `num_bases` = 64, init N(0, sqrt(2/K)) then L2-normalised over C), see `em_iterations`;
     reconstruction mu z^T with the last E-step z, ReLU, conv2 (1x1, no bias) + BN, y = ReLU(conv2 + x).
     As in the official code the EM runs under no_grad, so conv1 never receives a gradient: it is frozen
-    (requires_grad=False, as mmseg's `ema_mid_conv`) and listed in `no_grad_params`; `em_grad=True`
-    back-propagates through the EM and trains conv1 (the author reports it slightly worse, EMANet issue
+    (as mmseg's `ema_mid_conv`, requires_grad=False there) as a `FrozenConv2d`, whose weight and bias are
+    buffers under the usual keys (`conv1.weight`, `conv1.bias`: official and mmseg-converted state dicts
+    load as before), so that every parameter of the block gets a gradient (timm's model tests require it);
+    `no_grad_params` still names them. `em_grad=True` back-propagates through the EM and trains conv1, an
+    nn.Conv2d then (the author reports it slightly worse, EMANet issue
     #14). In training mode the module itself updates `mu` (the official does it in train.py):
     mu <- momentum * mu + (1 - momentum) * mean over the batch of the final bases, averaged over all
     processes with an all-reduce when torch.distributed is initialised (the official DataParallel mean
@@ -90,9 +119,18 @@ class EMAUnit(nn.Module):
         for conv in (self.conv1, self.conv2[0]):
             nn.init.normal_(conv.weight, 0, math.sqrt(2.0 / channels))
         if not em_grad:
-            self.conv1.requires_grad_(False)
-        # parameters that get no gradient by design (honoured by tests/test_contract.py)
+            self.conv1 = FrozenConv2d(self.conv1)
+        # the frozen mid conv's tensors, which get no gradient by design (buffers: not in parameters())
         self.no_grad_params = () if em_grad else ("conv1.weight", "conv1.bias")
+
+    def reset_parameters(self) -> None:
+        """Official init: bases N(0, sqrt(2/K)) L2-normalised over C, both convs N(0, sqrt(2/C)) (conv1's bias
+        PyTorch's default); the BN weight 1, bias 0."""
+        with torch.no_grad():
+            self.mu.normal_(0, math.sqrt(2.0 / self.num_bases))
+            self.mu.copy_(_l2norm(self.mu, 1, self.eps))
+            for conv in (self.conv1, self.conv2[0]):
+                conv.weight.normal_(0, math.sqrt(2.0 / self.channels))
 
     @property
     def bases(self) -> Tensor:
@@ -100,11 +138,12 @@ class EMAUnit(nn.Module):
         return self.mu
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         b, c, h, w = x.shape
         with torch.set_grad_enabled(self.em_grad and torch.is_grad_enabled()):
             feats = self.conv1(x)
-            with torch.autocast(x.device.type, enabled=False):
+            with no_autocast(x.device):
                 acc = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
                 feats = feats.reshape(b, c, h * w).to(acc)
                 # a copy: the in-place moving average below must not touch a tensor saved for backward

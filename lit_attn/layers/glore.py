@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from timm.layers import get_act_layer
 from torch import Tensor, nn
 
+from ..ops.amp import no_autocast
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 from .non_local import _acc_dtype
 
 _PAPER = "Graph-Based Global Reasoning Networks (CVPR 2019, arXiv 1811.12814)"
@@ -64,7 +65,7 @@ def _norm(bn: nn.Module, y: Tensor) -> Tensor:
 
 @register_attn("glore", family="glore", kind=GLOBAL, paper=_PAPER, year=2019,
                attends="Nn graph nodes (linear projection of all positions)", cost="O(N C^2)")
-class GloReUnit(nn.Module):
+class GloReUnit(TimmInitHooks, nn.Module):
     """Global Reasoning unit, from "Graph-Based Global Reasoning Networks" (Chen et al., CVPR 2019,
     arXiv 1811.12814), as the official `GloRe_Unit_2D`: state X_s = conv_state(x) (1x1, C -> S = 2 *
     num_mid, bias), projection B = conv_proj(x) (1x1, C -> Nn = num_mid nodes, bias, no softmax), node
@@ -102,16 +103,21 @@ class GloReUnit(nn.Module):
         self.gcn = GCN(self.num_s, self.num_n, act_layer=act_layer, **dd)
         self.conv_extend = nn.Conv2d(self.num_s, channels, 1, bias=False, **dd)
         self.blocker = nn.BatchNorm2d(channels, eps=1e-4, **dd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """BN weight 0 (identity at init); the convs keep PyTorch's default init."""
         nn.init.zeros_(self.blocker.weight)
 
     def extra_repr(self) -> str:
         return f"num_state={self.num_s}, num_node={self.num_n}, normalize={self.normalize}"
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         b, c, h, w = x.shape
         proj = self.conv_proj(x).flatten(2)                                   # B: (B, Nn, L)
-        with torch.autocast(x.device.type, enabled=False):   # products growing as |x|^3, until the BN: fp32
+        with no_autocast(x.device):   # products growing as |x|^3, until the BN: fp32
             acc = _acc_dtype(proj)
             proj = proj.to(acc)
             w_s, b_s, w_e = (t.to(acc) for t in (self.conv_state.weight.flatten(1), self.conv_state.bias,

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import global_attention
+from ..ops.attention import tracing
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 from .object_context import SelfAttentionBlock, fusion, positive_int, reduced_channels, resolve_layers
 
 _PAPER = "Interlaced Sparse Self-Attention for Semantic Segmentation (arXiv 2019, arXiv 1907.12273)"
@@ -26,22 +27,23 @@ _PAPER = "Interlaced Sparse Self-Attention for Semantic Segmentation (arXiv 2019
 def to_groups(t: Tensor, dh: int, dw: int, local: bool) -> Tensor:
     """(B, C, oh*dh, ow*dw) -> (B, groups, group size, C). Long range (local=False): dh*dw groups,
     each the oh x ow sub-grid of one offset inside the blocks; short range: oh*ow groups, each one
-    dh x dw block, in row-major order inside the group."""
-    b, c, hp, wp = t.shape
-    t = t.reshape(b, c, hp // dh, dh, wp // dw, dw)                  # (B, C, oh, dh, ow, dw)
-    t = t.permute(0, 2, 4, 3, 5, 1) if local else t.permute(0, 3, 5, 2, 4, 1)
-    groups = (hp // dh) * (wp // dw) if local else dh * dw
-    return t.reshape(b, groups, -1, c)
+    dh x dw block, in row-major order inside the group. Only the constant factors (dh, dw, C) are
+    written into the reshapes (-1 for the rest), so traced / exported graphs take any map size."""
+    b, c = t.shape[0], t.shape[1]
+    t = t.unflatten(3, (-1, dw)).unflatten(2, (-1, dh))               # (B, C, oh, dh, ow, dw)
+    if local:
+        return t.permute(0, 2, 4, 3, 5, 1).reshape(b, -1, dh * dw, c)
+    return t.permute(0, 3, 5, 2, 4, 1).reshape(b, dh * dw, -1, c)
 
 
 def from_groups(t: Tensor, oh: int, ow: int, dh: int, dw: int, local: bool) -> Tensor:
     """Inverse of `to_groups`: (B, groups, group size, C) -> (B, C, oh*dh, ow*dw)."""
     b, c = t.shape[0], t.shape[-1]
     if local:
-        t = t.reshape(b, oh, ow, dh, dw, c).permute(0, 5, 1, 3, 2, 4)
+        t = t.reshape(b, -1, ow, dh, dw, c).permute(0, 5, 1, 3, 2, 4)
     else:
-        t = t.reshape(b, dh, dw, oh, ow, c).permute(0, 5, 3, 1, 4, 2)
-    return t.reshape(b, c, oh * dh, ow * dw)
+        t = t.reshape(b, dh, dw, -1, ow, c).permute(0, 5, 3, 1, 4, 2)
+    return t.flatten(4).flatten(2, 3)
 
 
 def grouped_self_attention(sa: SelfAttentionBlock, x: Tensor, dh: int, dw: int, local: bool) -> Tensor:
@@ -56,7 +58,7 @@ def grouped_self_attention(sa: SelfAttentionBlock, x: Tensor, dh: int, dw: int, 
 @register_attn("isa", family="isa", kind=GLOBAL, paper=_PAPER, year=2019,
                attends="positions (long-range strided groups, then short-range blocks)",
                cost="O(N C (N / (dh dw) + dh dw))")
-class InterlacedSparseAttention(nn.Module):
+class InterlacedSparseAttention(TimmInitHooks, nn.Module):
     """Interlaced sparse self-attention (ISA) from "Interlaced Sparse Self-Attention for Semantic
     Segmentation" (Huang et al., arXiv 2019, arXiv 1907.12273), as openseg.pytorch's `ISA_Module`
     with one down factor: x is zero-padded symmetrically (pad // 2 before, the rest after) to
@@ -98,18 +100,22 @@ class InterlacedSparseAttention(nn.Module):
 
     def context(self, x: Tensor) -> Tensor:
         """ISA_Block: the long- then short-range context (B, C, H, W), before the fusion."""
-        h, w = x.shape[-2:]
+        h, w = x.shape[-2], x.shape[-1]
         dh, dw = self.down_factor
-        pad_h, pad_w = -h % dh, -w % dw
+        # padded size first (oh*dh), the padding from it: exported graphs (where h, w are traced values)
+        # then reshape by products of the same symbols, and always pad (a branch on the size would be traced
+        # as the branch taken at the export size)
+        pad_h, pad_w = (h + dh - 1) // dh * dh - h, (w + dw - 1) // dw * dw - w
         top, left = pad_h // 2, pad_w // 2
-        if pad_h or pad_w:
+        if tracing() or pad_h or pad_w:
             x = F.pad(x, (left, pad_w - left, top, pad_h - top))
         x = grouped_self_attention(self.long_range_sa, x, dh, dw, local=False)
         x = grouped_self_attention(self.short_range_sa, x, dh, dw, local=True)
         return x[:, :, top:top + h, left:left + w]
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         ctx = self.context(x)
         return self.conv_bn(torch.cat([ctx, x] if self.context_first else [x, ctx], 1))
 

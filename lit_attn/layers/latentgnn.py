@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from timm.layers import get_act_layer
 from torch import Tensor, nn
 
+from ..ops.amp import no_autocast
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 from .non_local import _acc_dtype
 
 _PAPER = "LatentGNN: Learning Efficient Non-local Relations for Visual Recognition (ICML 2019, arXiv 1905.11634)"
@@ -54,6 +55,11 @@ class LatentGNNKernel(nn.Module):
             self.psi = _conv_bn(channels, latent_dim, act, dd)
         if graph_conv:  # official GraphConvWeight (off by default in V1)
             self.GraphConvWeight = _conv_bn(channels, channels, act, dd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official: GraphConvWeight's conv N(0, 0.01); the other layers keep PyTorch's default init."""
+        if hasattr(self, "GraphConvWeight"):
             nn.init.normal_(self.GraphConvWeight[0].weight, std=0.01)
 
     def forward(self, v2l_feat: Tensor, l2v_feat: Tensor | None) -> Tensor:
@@ -61,7 +67,7 @@ class LatentGNNKernel(nn.Module):
         asymmetric = self.mode == "asymmetric"
         psi_v2l = self.psi_v2l(v2l_feat) if asymmetric else self.psi(v2l_feat)
         psi_l2v = self.psi_l2v(l2v_feat) if asymmetric else psi_v2l
-        with torch.autocast(v2l_feat.device.type, enabled=False):  # norms of ReLU outputs, sums over N: fp32
+        with no_autocast(v2l_feat.device):  # norms of ReLU outputs, sums over N: fp32
             v2l_adj = _normalize(psi_v2l.flatten(2), dim=2 if asymmetric else 1)   # (B, d, N), over pixels
             l2v_adj = _normalize(psi_l2v.flatten(2), dim=1) if asymmetric else v2l_adj  # over nodes
             feat = v2l_feat.flatten(2).transpose(1, 2).to(v2l_adj.dtype)
@@ -77,7 +83,7 @@ class LatentGNNKernel(nn.Module):
 
 @register_attn("latentgnn", family="latentgnn", kind=GLOBAL, paper=_PAPER, year=2019,
                attends="d latent nodes (bipartite visible-latent graph)", cost="O(N C^2 + N C d)")
-class LatentGNN(nn.Module):
+class LatentGNN(TimmInitHooks, nn.Module):
     """LatentGNN block, from "LatentGNN: Learning Efficient Non-local Relations for Visual Recognition"
     (Zhang, Yan, He, ICML 2019, arXiv 1905.11634), as the official `LatentGNNV1`: in the default
     "asymmetric" mode two 1x1 conv (no bias) + BN reduce C -> C' = C * rd_ratio (official
@@ -122,11 +128,16 @@ class LatentGNN(nn.Module):
         self.up_channel = _conv_bn(inter * len(dims), channels, dd=dd)
         self.gamma = nn.Parameter(torch.zeros(1, **dd))
 
+    def reset_parameters(self) -> None:
+        """gamma = 0 (identity at init)."""
+        nn.init.zeros_(self.gamma)
+
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, latent_dims={self.latent_dims}"
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         if self.mode == "asymmetric":
             v2l, l2v = (_normalize(f(x), dim=1).to(x.dtype) for f in (self.down_channel_v2l, self.down_channel_l2v))
         else:

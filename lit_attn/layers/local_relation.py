@@ -96,7 +96,8 @@ class LocalRelation2d(nn.Module):
         return logits.masked_fill_(~valid, float("-inf"))
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.in_channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.in_channels)
         weights = self.relation_logits(x).softmax(2)
         out = local_aggregate(x, weights, self.kernel_size, self.dilation, stride=self.stride)
         return out if self.proj is None else self.proj(out)

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import global_attention, map_to_tokens, tokens_to_map
+from ..ops.amp import no_autocast
+from ..ops.attention import exporting
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 
 _MODES = ("embedded", "gaussian", "dot", "concat")
 _ALIASES = {"embedded_gaussian": "embedded", "dot_product": "dot", "concatenation": "concat"}
@@ -22,6 +24,24 @@ _ALIASES = {"embedded_gaussian": "embedded", "dot_product": "dot", "concatenatio
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+SEARCH_STEPS = 31  # binary-search steps of the export path: exact for up to 2^31 - 1 keys
+
+
+def _count_greater(b_desc: Tensor, t: Tensor) -> Tensor:
+    """m[b, i] = #{k: b_desc[b, k] > t[b, i]} for rows b_desc (B, M) sorted descending, t (B, N): what
+    torch.searchsorted(-b_desc, -t, side="left") gives, by a binary search over the prefix length with a fixed
+    number of steps (`SEARCH_STEPS`, from 2^30 down to 1; steps past M are skipped), as gathers and
+    comparisons: exact, O(N log M) and free of the size-dependent loop counts an exported graph would freeze."""
+    n_keys = b_desc.shape[-1]
+    m = torch.zeros_like(t, dtype=torch.long)
+    for k in range(SEARCH_STEPS - 1, -1, -1):
+        cand = m + (1 << k)                                   # try to extend the prefix to cand keys
+        idx = (cand - 1).clamp(max=n_keys - 1)
+        ok = (cand <= n_keys) & (b_desc.gather(-1, idx) > t)  # the prefix holds: every key before is > t
+        m = torch.where(ok, cand, m)
+    return m
 
 
 def concat_relu_aggregate(a: Tensor, b: Tensor, g: Tensor) -> Tensor:
@@ -40,12 +60,15 @@ def concat_relu_aggregate(a: Tensor, b: Tensor, g: Tensor) -> Tensor:
     s_g = torch.cat([pad, gs.cumsum(1)], 1)                      # (B, M + 1, d)
     s_bg = torch.cat([pad, (bs.unsqueeze(-1) * gs).cumsum(1)], 1)
     # -bs is ascending; side="left" counts the keys with -b_k < a_i, i.e. a_i + b_k > 0
-    m = torch.searchsorted(bs.detach().neg().contiguous(), a.detach().contiguous(), side="left")
+    if exporting():  # searchsorted has no ONNX lowering: the same count by a branch-free binary search
+        m = _count_greater(bs.detach(), a.detach().neg())
+    else:
+        m = torch.searchsorted(bs.detach().neg().contiguous(), a.detach().contiguous(), side="left")
     idx = m.unsqueeze(-1).expand(-1, -1, d)
     return a.unsqueeze(-1) * s_g.gather(1, idx) + s_bg.gather(1, idx)
 
 
-class NonLocal2d(nn.Module):
+class NonLocal2d(TimmInitHooks, nn.Module):
     """Non-local block (Non-local Neural Networks, CVPR 2018, arXiv 1711.07971), 2-D version.
 
     z = x + BN(W_z y), y_i = 1/C(x) sum_j f(x_i, x_j) g(x_j), g/theta/phi 1x1 convs C -> C*rd_ratio
@@ -116,14 +139,15 @@ class NonLocal2d(nn.Module):
 
     def _pool(self, x: Tensor) -> Tensor:
         """The 2x2, stride-2 max-pool of the keys/values (floor or ceil, see `pool_ceil`)."""
-        if not self.pool_ceil and min(x.shape[-2:]) < 2:
+        if not torch.jit.is_scripting() and not self.pool_ceil and min(x.shape[-2:]) < 2:
             raise ValueError(f"NonLocal2d(sub_sample=True, pool_ceil=False) pools 2x2 with the official floor "
                              f"rounding, which leaves no keys for a {tuple(x.shape[-2:])} map; use pool_ceil=True "
                              f"for maps with a side of 1")
         return F.max_pool2d(x, 2, 2, ceil_mode=self.pool_ceil)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         _, _, h, w = x.shape
         xk = self._pool(x) if self.sub_sample else x   # keys/values only
         g = self.g(xk)
@@ -137,7 +161,7 @@ class NonLocal2d(nn.Module):
         elif self.mode == "dot":
             theta, phi = self.theta(x).flatten(2), self.phi(xk).flatten(2)
             n_keys = phi.shape[-1]                     # N', a constant (no gradient), as official
-            with torch.autocast(x.device.type, enabled=False):  # g phi^T sums N' products: fp32
+            with no_autocast(x.device):  # g phi^T sums N' products: fp32
                 acc = _acc_dtype(theta)
                 theta, phi, gf = theta.to(acc), phi.to(acc), g.flatten(2).to(acc)
                 y = torch.matmul(torch.matmul(gf, phi.transpose(1, 2)), theta).div(n_keys)
@@ -145,7 +169,7 @@ class NonLocal2d(nn.Module):
         else:
             theta, phi = self.theta(x), self.phi(xk)
             n_keys = phi.shape[-2] * phi.shape[-1]
-            with torch.autocast(x.device.type, enabled=False):
+            with no_autocast(x.device):
                 acc = _acc_dtype(theta)
                 w1, w2 = self.w_f.to(acc).chunk(2)
                 a = torch.einsum("c,bcn->bn", w1, theta.flatten(2).to(acc))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..ops import global_attention, map_to_tokens, tokens_to_map
 from ..registry import GLOBAL, HEAD, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 
 _OCNET = "OCNet: Object Context Network for Scene Parsing (arXiv 2018, arXiv 1809.00916)"
 _OCR = "Object-Contextual Representations for Semantic Segmentation (ECCV 2020, arXiv 1909.11065)"
@@ -114,10 +114,16 @@ class SelfAttentionBlock(nn.Module):
             self.W = conv_norm_act(value_channels, out_channels, bias, norm, act, dd)
         else:
             self.W = nn.Conv2d(value_channels, out_channels, 1, bias=bias, **dd)
-            if zero_init_out:  # Base-OC: nn.init.constant_(W.weight / W.bias, 0)
-                nn.init.zeros_(self.W.weight)
-                if self.W.bias is not None:
-                    nn.init.zeros_(self.W.bias)
+        self.zero_init_out = bool(zero_init_out) and not out_norm
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """With `zero_init_out` (Base-OC: nn.init.constant_(W.weight / W.bias, 0)) a zero output conv; the
+        other layers keep PyTorch's default init."""
+        if self.zero_init_out:
+            nn.init.zeros_(self.W.weight)
+            if self.W.bias is not None:
+                nn.init.zeros_(self.W.bias)
 
     def project(self, query_feats: Tensor, key_feats: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The query, key and value maps: (B, key, h, w), (B, key, hk, wk), (B, value, hk, wk)."""
@@ -133,7 +139,7 @@ class SelfAttentionBlock(nn.Module):
 
 @register_attn("base_oc", family="object_context", kind=GLOBAL, paper=_OCNET, year=2018,
                attends="positions (dense self-attention)", cost="O(N^2 C)")
-class BaseOC(nn.Module):
+class BaseOC(TimmInitHooks, nn.Module):
     """Base object context module (Base-OC) from "OCNet: Object Context Network for Scene Parsing"
     (Yuan et al., arXiv 2018, arXiv 1809.00916), as openseg.pytorch's `BaseOC_Module` with one
     stage: context = SelfAttentionBlock(x) with 2-layer conv-BN-ReLU query/key (key_channels = C *
@@ -171,7 +177,8 @@ class BaseOC(nn.Module):
         return F.interpolate(ctx, size=x.shape[-2:], mode="bilinear", align_corners=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         return self.conv_bn_dropout(torch.cat([self.context(x), x], 1))
 
     def extra_repr(self) -> str:
@@ -222,7 +229,8 @@ class ObjectContextBlock(nn.Module):
         self.conv_bn_dropout = fusion(2 * channels, channels, bias, dropout, norm, act, dd)
 
     def forward(self, feats: Tensor, region_logits: Tensor) -> Tensor:
-        check_input(self, feats, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, feats, self.channels)
         name = type(self).__name__
         if not isinstance(region_logits, Tensor) or region_logits.ndim != 4:
             shape = tuple(region_logits.shape) if isinstance(region_logits, Tensor) else type(region_logits).__name__

@@ -37,13 +37,13 @@ from timm.layers import get_act_layer
 from torch import Tensor, nn
 
 from ..registry import GATE, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 
 LAYOUTS = ("parallel", "sequential", "channel", "spatial")
 FORMULATIONS = ("paper", "official")
 
 
-class PolarizedSelfAttention(nn.Module):
+class PolarizedSelfAttention(TimmInitHooks, nn.Module):
     """Polarized Self-Attention (Liu et al., "Polarized Self-Attention: Towards High-quality Pixel-wise
     Regression", arXiv 2107.00782, 2021): `layout` picks the channel-only gate, the spatial-only gate,
     their parallel sum (PSA_p) or their sequence (PSA_s: spatial gate on the channel-refined tensor).
@@ -133,7 +133,8 @@ class PolarizedSelfAttention(nn.Module):
         return torch.sigmoid(s.reshape(b, 1, h, w))
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         if self.layout == "channel":
             return x * self.channel_mask(x)
         if self.layout == "spatial":

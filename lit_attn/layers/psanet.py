@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from timm.layers import create_act_layer
 from torch import Tensor, nn
 
+from ..ops.attention import exporting, tracing
+from ..ops.pooling import resize_bilinear
 from ..registry import GLOBAL, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 from .conv_module import ConvModule
 
 PSA_TYPES = ("collect", "distribute", "bi-direction")
@@ -37,16 +39,21 @@ def _pair(name: str, v) -> tuple[int, int]:
     return t
 
 
-def _build_index(h: int, w: int, mask_h: int, mask_w: int, device) -> tuple:
+def _build_index(h: int, w: int, mask_h: int, mask_w: int, device, traced: bool = False) -> tuple:
     half_h, half_w = (mask_h - 1) // 2, (mask_w - 1) // 2
     ar_h, ar_w = torch.arange(h, device=device), torch.arange(w, device=device)
-    rows = ar_h[None, :] - ar_h.repeat_interleave(w)[:, None] + half_h   # (N, H): mask row of (i, target row)
-    cols = ar_w[None, :] - ar_w.repeat(h)[:, None] + half_w              # (N, W): mask column of (i, target col)
-    pix = torch.arange(h * w, device=device)[:, None, None]
-    # a map reaches outside the mask window iff some |offset| exceeds the half-size on its side
-    row_out = ((rows < 0) | (rows >= mask_h))[:, :, None] if h - 1 > min(half_h, mask_h - 1 - half_h) else None
-    col_out = ((cols < 0) | (cols >= mask_w))[:, None, :] if w - 1 > min(half_w, mask_w - 1 - half_w) else None
-    return rows.clamp(0, mask_h - 1)[:, :, None], cols.clamp(0, mask_w - 1)[:, None, :], pix, row_out, col_out
+    pix = torch.arange(h * w, device=device)
+    pix_row = pix // w
+    rows = ar_h[None, :] - pix_row[:, None] + half_h              # (N, H): mask row of (i, target row)
+    cols = ar_w[None, :] - (pix - pix_row * w)[:, None] + half_w  # (N, W): mask column of (i, target col)
+    # a map reaches outside the mask window iff some |offset| exceeds the half-size on its side (traced: h, w
+    # are traced values and the masks are always built, a Python branch on them would freeze the export size's)
+    row_out = ((rows < 0) | (rows >= mask_h))[:, :, None] if traced or h - 1 > min(half_h, mask_h - 1 - half_h) \
+        else None
+    col_out = ((cols < 0) | (cols >= mask_w))[:, None, :] if traced or w - 1 > min(half_w, mask_w - 1 - half_w) \
+        else None
+    return (rows.clamp(0, mask_h - 1)[:, :, None], cols.clamp(0, mask_w - 1)[:, None, :], pix[:, None, None],
+            row_out, col_out)
 
 
 @lru_cache(maxsize=32)
@@ -65,13 +72,15 @@ def point_wise_logits(mask: Tensor, mask_size) -> Tensor:
     b, k, h, w = mask.shape
     if k != mask_h * mask_w:
         raise ValueError(f"point_wise_logits: the mask needs mask_h * mask_w = {mask_h * mask_w} channels, got {k}")
-    build = _build_index if torch.compiler.is_compiling() else _cached_index
-    rows, cols, pix, row_out, col_out = build(h, w, mask_h, mask_w, mask.device)
+    traced = tracing()   # graph capture: no branch on the (traced / symbolic) size, no in-place write
+    if traced:
+        rows, cols, pix, row_out, col_out = _build_index(h, w, mask_h, mask_w, mask.device, traced=True)
+    else:
+        rows, cols, pix, row_out, col_out = _cached_index(h, w, mask_h, mask_w, mask.device)
     logits = mask.reshape(b, mask_h, mask_w, h * w)[:, rows, cols, pix]   # (B, N, H, W): window crop per pixel
-    if row_out is not None:
-        logits.masked_fill_(row_out, 0)   # the gather's backward needs no values, so in place is safe
-    if col_out is not None:
-        logits.masked_fill_(col_out, 0)
+    for out in (row_out, col_out):
+        if out is not None:   # the gather's backward needs no values, so in place is safe (eager)
+            logits = logits.masked_fill(out, 0) if traced else logits.masked_fill_(out, 0)
     return logits.reshape(b, h * w, h * w)
 
 
@@ -93,6 +102,21 @@ def shrunk_size(h: int, w: int, s: int) -> tuple[int, int, bool]:
     if h % s and w % s:
         return (h - 1) // s + 1, (w - 1) // s + 1, True
     return max(1, h // s), max(1, w // s), False
+
+
+def export_shrunk_size(h, w, s: int):
+    """`shrunk_size` without a branch on the size, for captured graphs (sizes traced by the TorchScript tracer
+    as 0-dim tensors, or torch.export's symbolic sizes): (H', W', c) with c = 1 when neither side is a multiple
+    of s (then (H-1)//s + 1 = H//s + 1 and align_corners=True) else 0, all by integer arithmetic, so the exported
+    graph applies mmseg's rule at every input size, not only at the export size's parity."""
+    if s == 1:
+        return h, w, 0
+    c = ((h % s + s - 1) // s) * ((w % s + s - 1) // s)      # 1 iff h % s != 0 and w % s != 0
+
+    def at_least_1(v):
+        return v.clamp(min=1) if isinstance(v, Tensor) else torch.sym_max(v, 1)
+
+    return at_least_1(h // s + c), at_least_1(w // s + c), c
 
 
 class PointwiseSpatialContext:
@@ -126,18 +150,34 @@ class PointwiseSpatialContext:
         return out.reshape(b, c, h, w) * (1.0 / self.normalization_factor)
 
     def context(self, x: Tensor) -> Tensor:
-        """proj(concat of the branches' aggregated features), resized back to x's H, W."""
-        h, w = x.shape[-2:]
-        hs, ws, align = self.shrunk_size(h, w)
+        """proj(concat of the branches' aggregated features), resized back to x's H, W.
+
+        While a graph is captured for export (torch.jit.trace, both ONNX exporters, torch.export) the sizes are
+        traced or symbolic: the shrink rule is computed without a branch (`export_shrunk_size`) and both resizes
+        are interpolation matrices (`lit_attn.ops.pooling.resize_bilinear`, same weights as F.interpolate), so
+        the exported graph follows the rule at every input size (a Python branch on the parity would be frozen
+        at the export size's, or become a guard that torch.onnx's dynamo exporter can drop)."""
+        h, w = x.shape[-2], x.shape[-1]
+        traced = exporting()
+        if traced:
+            hs, ws, align = export_shrunk_size(h, w, self.shrink_factor)
+        else:
+            hs, ws, align = self.shrunk_size(h, w)
+
+        def resize(t: Tensor, size) -> Tensor:
+            if traced:
+                return resize_bilinear(t, size, align)
+            return F.interpolate(t, size=size, mode="bilinear", align_corners=align)
+
         outs = []
         for reduce, attention, psa_type in self.branches():
             feats = reduce(x)
-            if (hs, ws) != (h, w):
-                feats = F.interpolate(feats, size=(hs, ws), mode="bilinear", align_corners=align)
+            if traced or (hs, ws) != (h, w):
+                feats = resize(feats, (hs, ws))
             outs.append(self.attend(feats, attention(feats), psa_type))
         out = self.proj(torch.cat(outs, 1) if len(outs) > 1 else outs[0])
-        if out.shape[-2:] != (h, w):
-            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=align)
+        if traced or out.shape[-2:] != (h, w):
+            out = resize(out, (h, w))
         return out
 
 
@@ -145,7 +185,7 @@ class PointwiseSpatialContext:
                paper="PSANet: Point-wise Spatial Attention Network for Scene Parsing (ECCV 2018)",
                attends="positions (per-pixel predicted relative masks, collect + distribute)",
                cost="O(N^2 C / s^4 + N mask_h mask_w C / s^2)")
-class PointwiseSpatialAttention(PointwiseSpatialContext, nn.Module):
+class PointwiseSpatialAttention(TimmInitHooks, PointwiseSpatialContext, nn.Module):
     """Point-wise spatial attention from "PSANet: Point-wise Spatial Attention Network for Scene Parsing"
     (Zhao et al., ECCV 2018; no arXiv version), mmseg's `PSAHead` internals in plug-in form. Per branch: `reduce`
     (1x1 conv-BN-act C -> C' = C * rd_ratio, mmseg 2048 -> 512), bilinear shrink by s with mmseg's rule (both
@@ -222,7 +262,8 @@ class PointwiseSpatialAttention(PointwiseSpatialContext, nn.Module):
                     m.bn.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         out = self.context(x)
         out = self.bottleneck(torch.cat([x, out.to(x.dtype)], 1))
         # timm adds the shortcut into the block's output in place; ReLU saves its output for the backward,

@@ -12,12 +12,13 @@ Read from the official Caffe deploy prototxts (fwang91/residual-attention-networ
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from timm.layers import create_act_layer, get_act_layer, get_norm_layer
 from torch import Tensor, nn
 
 from ..registry import GATE, register_attn
-from ._utils import check_channels, check_input, factory
+from ._utils import TimmInitHooks, check_channels, check_input, factory
 
 __all__ = ["AttentionModule", "PreActBottleneck"]
 
@@ -67,7 +68,7 @@ class PreActBottleneck(nn.Module):
 @register_attn("residual_attention", family="residual_attention", kind=GATE,
                paper="Residual Attention Network for Image Classification (CVPR 2017, arXiv 1704.06904)",
                year=2017, attends="channels x positions (mixed soft mask)", cost="O(N C^2)")
-class AttentionModule(nn.Module):
+class AttentionModule(TimmInitHooks, nn.Module):
     """Residual Attention Network attention module, "Residual Attention Network for Image
     Classification" (Wang et al., CVPR 2017, arXiv 1704.06904). `p` shared pre-activation
     bottleneck units (width `channels * rd_ratio`), then a trunk of `t` units and, from the same
@@ -152,7 +153,8 @@ class AttentionModule(nn.Module):
         return self.gate(self.mask_logits(s))
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self.channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_input(self, x, self.channels)
         s = self.shared(x)
         t = self.trunk(s)
         m = self.mask(s)

@@ -22,10 +22,12 @@ from __future__ import annotations
 import sys
 
 import timm
+import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, split_model_name_tag
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
+from ..layers._utils import TimmInitHooks
 from ..registry import _REGISTRY, GATE, GLOBAL, create_attn
 from .pretrained import TrunkFilter, block_is_identity_at_init, mirror_pretrained_cfgs, require_weights
 
@@ -42,14 +44,29 @@ BASES = {
 class ContextBasicBlock(BasicBlock):
     """timm BasicBlock followed by a context block (`self.context`) on its output."""
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles no super() call: timm's BasicBlock.forward, spelled out
+            shortcut = x if self.downsample is None else self.downsample(x)
+            y = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+            y = self.bn2(self.conv2(y))
+            y = y if self.se is None else self.se(y)
+            y = y if self.drop_path is None else self.drop_path(y)
+            return self.context(self.act2(y + shortcut))
         return self.context(super().forward(x))
 
 
 class ContextBottleneck(Bottleneck):
     """timm Bottleneck followed by a context block (`self.context`) on its output."""
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles no super() call: timm's Bottleneck.forward, spelled out
+            shortcut = x if self.downsample is None else self.downsample(x)
+            y = self.act1(self.bn1(self.conv1(x)))
+            y = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(y)))))
+            y = self.bn3(self.conv3(y))
+            y = y if self.se is None else self.se(y)
+            y = y if self.drop_path is None else self.drop_path(y)
+            return self.context(self.act3(y + shortcut))
         return self.context(super().forward(x))
 
 
@@ -81,6 +98,16 @@ class LitResNet(ResNet):
                     blk.__class__ = _WITH_CONTEXT[type(blk)]
                     blk.context = create_attn(context_layer, out_chs, device=device, dtype=dtype,
                                               **(context_kwargs or {}))
+
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        """timm's ResNet init (kaiming convs, zero last BN of each residual branch with `zero_init_last`), then
+        the lit_attn blocks' own init again: timm's init also reaches the gates in its attention slot (and only
+        calls their `zero_init_last()` hook when `zero_init_last=True`), so a gate's zero-init (e.g. a2's
+        conv_out) or official init would be lost. The context blocks are added after this runs."""
+        super().init_weights(zero_init_last=zero_init_last)
+        for block in self.attention_blocks().values():
+            if isinstance(block, TimmInitHooks):
+                block.init_weights(zero_init_last=zero_init_last)
 
     def attention_blocks(self) -> dict[str, nn.Module]:
         """The blocks a plain ResNet lacks, by module name: gates in timm's attention slot

@@ -21,7 +21,6 @@ the modules the Attention-92 prototxt adds (one more 512-ch AttentionB, two more
 AttentionC, built like Attention-56's): the paper's Attention-92 figures are not reproducible from
 the released prototxt.
 """
-from __future__ import annotations
 
 from collections.abc import Sequence
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_act_layer, create_classifier, get_act_layer, get_device_dtype, get_norm_layer
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..layers._utils import factory
@@ -118,7 +118,9 @@ class ResidualAttentionNet(nn.Module):
         self.init_weights()
 
     @torch.jit.ignore
-    def init_weights(self) -> None:
+    def init_weights(self, zero_init_last: bool = False) -> None:
+        """Kaiming-normal (fan_out) convs, timm's ResNet init; the BN layers keep weight 1, bias 0 (the official
+        init: no zero-init of the last BN, so `zero_init_last`, timm's keyword, is accepted and ignored)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -153,6 +155,75 @@ class ResidualAttentionNet(nn.Module):
         else:
             x = self.stages(x)
         return self.act(self.norm(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | list[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward features that also returns intermediates, as timm's ResNetV2 (also pre-activation).
+
+        Intermediate 0 is the stem output before its max-pool (`stem.act`, stride 2), 1..4 the stage outputs
+        (`stages.i`), as `feature_info`. Args: `indices` (None: all; an int n: the last n; a sequence: those
+        indices); `norm`: apply the final BN-ReLU (`norm`, `act`) to the last stage's intermediate (the only
+        one it is sized for); `stop_early`: stop after the last wanted stage (the returned features are then
+        that stage's, without the final norm); `output_fmt`: "NCHW" only; `intermediates_only`: return only
+        the list. Returns (features as `forward_features` gives them, intermediates) or the intermediates.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"ResidualAttentionNet.forward_intermediates: output_fmt must be 'NCHW', "
+                             f"got {output_fmt!r}")
+        intermediates = []
+        last_idx = len(self.stages)
+        take_indices, max_index = feature_take_indices(last_idx + 1, indices)
+
+        x = self.stem.act(self.stem.norm(self.stem.conv(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.stem.pool(x)
+
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index]
+        feat_idx = 0
+        for feat_idx, stage in enumerate(stages, start=1):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(self.act(self.norm(x)) if norm and feat_idx == last_idx else x)
+
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.act(self.norm(x))
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: int | list[int] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages after the last intermediate in `indices` (as `forward_intermediates` counts them),
+        the stem's max-pool when only the stem is kept, the final BN-ReLU when `prune_norm` or when stages are
+        dropped (it is sized for the last stage), and the classifier when `prune_head` or when stages are
+        dropped. Returns the kept indices (for `forward_intermediates(indices=...)`)."""
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        prune_end = max_index < len(self.stages)
+        self.stages = self.stages[:max_index]
+        if max_index == 0:
+            self.stem.pool = nn.Identity()  # follows the stem feature
+        if prune_norm or prune_end:
+            self.norm, self.act = nn.Identity(), nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

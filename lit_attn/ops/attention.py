@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .amp import autocast_dtype, no_autocast
+
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MB in fp32): large GEMMs, memory far below N x N
 
 
@@ -49,7 +51,19 @@ def tokens_to_map(t: Tensor, height: int, width: int) -> Tensor:
 def tracing() -> bool:
     """True under torch.compile, torch.jit.trace and the TorchScript-based ONNX export: custom autograd
     Functions and in-place writes into fresh buffers do not trace (a Python call, a constant), plain ops do."""
+    if torch.jit.is_scripting():
+        return False
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def exporting() -> bool:
+    """True while a graph is captured for export: torch.jit.trace, both ONNX exporters (TorchScript-based and
+    dynamo-based) and torch.export. Export paths that replace ops without an ONNX lowering (adaptive pooling to
+    sizes that do not divide the input, searchsorted) or that keep shape arithmetic symbolic take this flag;
+    torch.compile keeps the eager ops."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -123,8 +137,9 @@ class _ChunkedAttention(torch.autograd.Function):
 
 
 def _common_dtype(*ts: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(ts[0].device.type):
-        return torch.get_autocast_dtype(ts[0].device.type)
+    dtype = autocast_dtype(ts[0].device)
+    if dtype is not None:
+        return dtype
     dtype = ts[0].dtype
     for t in ts[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -144,7 +159,7 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
     if rel_h is not None:  # the bias is added to fp32 logits: keep it in the accumulation dtype
         acc = _acc_dtype(q)
         rel_h, rel_w = rel_h.to(acc), rel_w.to(acc)
-    with torch.autocast(q.device.type, enabled=False):
+    with no_autocast(q.device):
         return _ChunkedAttention.apply(q, k, v, rel_h, rel_w, scale, chunk_size or default_chunk(q, k))
 
 
@@ -165,6 +180,17 @@ def _traced_attention(q, k, v, scale, rel_h, rel_w):
         q, k = _fold_rel_bias(q, k, rel_h, rel_w, scale)
         scale = 1.0
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _scripted_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None, rel_h: Tensor | None,
+                        rel_w: Tensor | None) -> Tensor:
+    """The TorchScript path (torch.jit.script compiles only this): SDPA, the relative-position bias as a dense
+    additive mask (B, h, Nq, Nk)."""
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    bias: Tensor | None = None
+    if rel_h is not None and rel_w is not None:
+        bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-2).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=s)
 
 
 FLASH_MAX_DIM = 256
@@ -194,6 +220,8 @@ def global_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     rel_h (B, h, Nq, Hk) and rel_w (B, h, Nq, Wk), given together, add the decomposed relative
     position bias rel_h[i, y] + rel_w[i, x] for key j = y * Wk + x (requires Nk == Hk * Wk).
     """
+    if torch.jit.is_scripting():
+        return _scripted_attention(q, k, v, scale, rel_h, rel_w)
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ValueError(f"global_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} "
                          "need matching key dims and key counts")

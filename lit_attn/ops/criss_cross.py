@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .amp import autocast_dtype, no_autocast
 from .attention import tracing
 
 COL_ELEMENTS = 1 << 23  # column attention: GEMMs over as many columns as keep the temporary under this
@@ -140,7 +141,7 @@ class _CrissCross(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        with torch.autocast(dout.device.type, enabled=False):  # fp32 logits in backward too
+        with no_autocast(dout.device):  # fp32 logits in backward too
             return _CrissCross._backward(ctx, dout)
 
     @staticmethod
@@ -202,13 +203,15 @@ def criss_cross_attention_packed(qkv: Tensor, key_channels: int, gamma: Tensor |
     gamma (a one-element tensor) and residual (B, C, H, W) are optional. Channels-last input avoids
     every copy of the projection; the result is channels-last-strided in eager mode.
     """
+    if torch.jit.is_scripting():  # TorchScript compiles the plain-op path only
+        return _criss_cross_traced(qkv, key_channels, gamma, residual)
     if qkv.ndim != 4 or not 0 < 2 * key_channels < qkv.shape[1]:
         raise ValueError(f"criss_cross_attention: qkv {tuple(qkv.shape)} must be (B, 2 * {key_channels} + C, H, W)")
     c = qkv.shape[1] - 2 * key_channels
     if residual is not None and residual.shape != (qkv.shape[0], c) + qkv.shape[2:]:
         raise ValueError(f"criss_cross_attention: residual {tuple(residual.shape)} does not match the value "
                          f"({qkv.shape[0]}, {c}, {qkv.shape[2]}, {qkv.shape[3]})")
-    with torch.autocast(qkv.device.type, enabled=False):  # the logits and the softmax stay fp32
+    with no_autocast(qkv.device):  # the logits and the softmax stay fp32
         if tracing():
             return _criss_cross_traced(qkv, key_channels, gamma, residual)
         return _CrissCross.apply(qkv, key_channels, gamma, residual)
@@ -223,9 +226,8 @@ def criss_cross_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if q.ndim != 4 or q.shape != k.shape or v.ndim != 4 or v.shape[0] != q.shape[0] or v.shape[2:] != q.shape[2:]:
         raise ValueError(f"criss_cross_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, Ck, H, W) "
                          f"and v {tuple(v.shape)} (B, C, H, W) with the same B, H, W")
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-    else:
+    dtype = autocast_dtype(q.device)
+    if dtype is None:
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     qkv = torch.cat([t.to(dtype).permute(0, 2, 3, 1) for t in (q, k, v)], -1).permute(0, 3, 1, 2)  # channels_last
     return criss_cross_attention_packed(qkv, q.shape[1])

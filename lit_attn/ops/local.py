@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .amp import autocast_dtype, no_autocast
+
 __all__ = ["local_aggregate", "local_correlation", "local_valid_mask", "local_out_size"]
 
 
@@ -184,9 +186,8 @@ def _windows(x: Tensor, groups: int, kernel_size: int, dilation: int, scale: int
 
 
 def _common_dtype(a: Tensor, b: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(a.device.type):
-        return torch.get_autocast_dtype(a.device.type)
-    return torch.promote_types(a.dtype, b.dtype)
+    dtype = autocast_dtype(a.device)
+    return torch.promote_types(a.dtype, b.dtype) if dtype is None else dtype
 
 
 def _check(fn: str, kernel_size: int, dilation: int, scale: int, stride: int) -> None:
@@ -223,7 +224,7 @@ def local_aggregate(x: Tensor, weights: Tensor, kernel_size: int, dilation: int 
     if torch.onnx.is_in_onnx_export():
         cols = _windows(x, grid.groups, kernel_size, dilation, scale, stride)
         return (cols * weights[:, :, None]).sum(3).flatten(1, 2)
-    with torch.autocast(x.device.type, enabled=False):
+    with no_autocast(x.device):
         return _aggregate_op(x, weights, kernel_size, dilation, scale, stride)
 
 
@@ -249,7 +250,7 @@ def local_correlation(q: Tensor, k: Tensor, groups: int, kernel_size: int, dilat
     if torch.onnx.is_in_onnx_export():
         cols = _windows(k, groups, kernel_size, dilation, scale, stride)
         return (cols * q.unflatten(1, (groups, -1))[:, :, :, None]).sum(2)
-    with torch.autocast(q.device.type, enabled=False):
+    with no_autocast(q.device):
         return _correlate_op(q, k, groups, kernel_size, dilation, scale, stride)
 
 
