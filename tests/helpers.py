@@ -1,6 +1,7 @@
 """Shared test utilities (imported by the test modules; pytest puts tests/ on sys.path)."""
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -57,3 +58,9 @@ def tiny_config(tmp: Path, digits_root: str, logger: str = "wandb", **trainer) -
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def slow_unless(names, default) -> list:
+    """`names` as parametrize values: those in `default` always run, the others are marked slow (run with --runslow
+    or LIT_ATTN_RUN_SLOW=1, see conftest.py)."""
+    return [n if n in default else pytest.param(n, marks=pytest.mark.slow) for n in names]

@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import slow_unless
 from torch import nn
 
 import lit_attn
@@ -24,7 +25,6 @@ from lit_attn.registry import GATE, GLOBAL
 PLUGINS = lit_attn.list_attn(kind=(GATE, GLOBAL), source="lit_attn")
 IDENTITY = sorted(IDENTITY_AT_INIT)
 C = 32
-slow = pytest.mark.slow  # skipped unless --runslow or LIT_ATTN_RUN_SLOW=1 (tests/conftest.py)
 
 
 def block_class(name):
@@ -274,10 +274,10 @@ SIZES = ((64, 64), (96, 80))
 ONNX_DEFAULT = ["nonlocal", "danet", "criss_cross", "psa_p", "isa", "acm", "apnb", "nonlocal_concat", "ema"]
 
 
-def _variant(name: str) -> nn.Module:
-    """resnet18_<name> in eval mode with its zero-init gammas / norms made non-zero, so every block computes."""
+def _variant(name: str, depth: str = "resnet18") -> nn.Module:
+    """<depth>_<name> in eval mode with its zero-init gammas / norms made non-zero, so every block computes."""
     torch.manual_seed(0)
-    model = timm.create_model(f"resnet18_{name}", num_classes=10).eval()
+    model = timm.create_model(f"{depth}_{name}", num_classes=10).eval()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in model.parameters():
@@ -337,18 +337,11 @@ def check_onnx(name: str, dynamo: bool) -> None:
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("name", ONNX_DEFAULT)
+@pytest.mark.parametrize("name", slow_unless(PLUGINS, ONNX_DEFAULT))
 def test_onnx_export_matches_at_two_sizes(name, dynamo):
     """Before: acm / apnb refused by the TorchScript exporter (adaptive pooling to sizes that do not divide the
     input) and failing at the second size in ONNX Runtime with the dynamo one; isa failing at the second size
     (a padding branch frozen at the export size); nonlocal_concat refused by both (searchsorted)."""
-    check_onnx(name, dynamo)
-
-
-@slow
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("name", [n for n in PLUGINS if n not in ONNX_DEFAULT])
-def test_onnx_export_matches_at_two_sizes_all_blocks(name, dynamo):
     check_onnx(name, dynamo)
 
 
@@ -375,14 +368,8 @@ def check_torch_export(name: str) -> None:
 TORCH_EXPORT_DEFAULT = ["psanet", "isa", "residual_attention"]  # parity rule, padding, a refused size
 
 
-@pytest.mark.parametrize("name", TORCH_EXPORT_DEFAULT)
+@pytest.mark.parametrize("name", slow_unless(PLUGINS, TORCH_EXPORT_DEFAULT))
 def test_torch_export_with_dynamic_sizes(name):
-    check_torch_export(name)
-
-
-@slow
-@pytest.mark.parametrize("name", [n for n in PLUGINS if n not in TORCH_EXPORT_DEFAULT])
-def test_torch_export_with_dynamic_sizes_all_blocks(name):
     check_torch_export(name)
 
 
@@ -492,8 +479,6 @@ FX_DEFAULT = ["nonlocal", "criss_cross", "ema", "psanet", "isa", "residual_atten
 
 
 def check_fx(name: str) -> None:
-    """timm's test_model_forward_fx: before, every variant failed (check_input's shape reads on Proxies and the
-    blocks' size arithmetic); the blocks are now registered as timm leaf modules (`register_attn`)."""
     model = _variant(name)
     x = torch.randn(1, 3, 96, 80)
     with torch.no_grad():
@@ -512,14 +497,10 @@ def test_blocks_are_timm_fx_leaves():
     assert all(block_class(n) in leaves for n in PLUGINS)
 
 
-@pytest.mark.parametrize("name", FX_DEFAULT)
+@pytest.mark.parametrize("name", slow_unless(PLUGINS, FX_DEFAULT))
 def test_fx_feature_extraction(name):
-    check_fx(name)
-
-
-@slow
-@pytest.mark.parametrize("name", [n for n in PLUGINS if n not in FX_DEFAULT])
-def test_fx_feature_extraction_all_blocks(name):
+    """timm's test_model_forward_fx: before, every variant failed (check_input's shape reads on Proxies and the
+    blocks' size arithmetic); the blocks are now registered as timm leaf modules (`register_attn`)."""
     check_fx(name)
 
 
@@ -548,10 +529,12 @@ def test_torchscript_blocks(name):
         torch.testing.assert_close(scripted(x), block(x), rtol=1e-5, atol=1e-6)
 
 
-def test_torchscript_resnet_variant():
-    """timm's test_model_forward_torchscript on a variant with context blocks (ContextBasicBlock)."""
+@pytest.mark.parametrize("model_name", ["resnet18_danet", "resnet50_danet_cam"])
+def test_torchscript_resnet_variant(model_name):
+    """timm's test_model_forward_torchscript on variants with context blocks (ContextBasicBlock, ContextBottleneck:
+    their scripted forward spells out timm's block forward)."""
     with timm.layers.set_scriptable(True):
-        model = _variant("danet")
+        model = _variant(model_name.split("_", 1)[1], model_name.split("_", 1)[0])
     scripted = torch.jit.script(model)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

@@ -14,6 +14,7 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from helpers import slow_unless
 from torch import nn
 
 import lit_attn  # noqa: F401  (registers the architectures in smp)
@@ -275,7 +276,7 @@ def test_torch_script(arch):
         torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", [a if a in ("danet", "ann", "ocrnet") else pytest.param(a, marks=slow) for a in ARCHS])
+@pytest.mark.parametrize("arch", slow_unless(ARCHS, ("danet", "ann", "ocrnet")))
 def test_torch_export(arch):
     """torch.export (strict, as smp's test), 3-5 s per architecture: by default the three input modes (DANet's
     extra outputs, ANN's two stages, OCRNet's cascade), every architecture with LIT_ATTN_RUN_SLOW=1."""
@@ -355,7 +356,7 @@ DYNAMO_STATIC_ONLY = {"isanet"}
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("arch", [a if a in ONNX_DEFAULT else pytest.param(a, marks=slow) for a in ARCHS])
+@pytest.mark.parametrize("arch", slow_unless(ARCHS, ONNX_DEFAULT))
 def test_onnx_export_matches_onnxruntime(arch, dynamo):
     """Before: the TorchScript-based exporter gave a wrong isanet graph (8.5e-3) and refused apcnet and ann."""
     check_onnx(arch, dynamo)

@@ -496,17 +496,20 @@ def _fcn_rules(src: str, dst: str) -> list[Rule]:
     return [(rf"^{src}((?:convs\.[01]|conv_cat|conv_seg)\..*)$", rf"{dst}\1", False)]
 
 
+def _conv_module_rules(src: str, conv_dst: str, bn_dst: str) -> list[Rule]:
+    """An mmcv ConvModule `src` (regex prefix, without the trailing dot): `src.conv.*` -> `conv_dst.*`,
+    `src.bn.*` -> `bn_dst.*`."""
+    return [(rf"^{src}\.conv\.(.*)$", rf"{conv_dst}.\1", False), (rf"^{src}\.bn\.(.*)$", rf"{bn_dst}.\1", False)]
+
+
 def _sa_rules(src: str, dst: str, value_module: bool) -> list[Rule]:
     """mmseg's SelfAttentionBlock with 2-layer key/query ConvModules -> lit_attn's f_query / f_key / f_value / W."""
     rules = []
     for mm, ours in (("query", "f_query"), ("key", "f_key")):
-        rules += [(rf"^{src}{mm}_project\.0\.conv\.(.*)$", rf"{dst}{ours}.0.\1", False),
-                  (rf"^{src}{mm}_project\.0\.bn\.(.*)$", rf"{dst}{ours}.1.0.\1", False),
-                  (rf"^{src}{mm}_project\.1\.conv\.(.*)$", rf"{dst}{ours}.2.\1", False),
-                  (rf"^{src}{mm}_project\.1\.bn\.(.*)$", rf"{dst}{ours}.3.0.\1", False)]
+        rules += [*_conv_module_rules(rf"{src}{mm}_project\.0", f"{dst}{ours}.0", f"{dst}{ours}.1.0"),
+                  *_conv_module_rules(rf"{src}{mm}_project\.1", f"{dst}{ours}.2", f"{dst}{ours}.3.0")]
     if value_module:  # a ConvModule (OCR)
-        rules += [(rf"^{src}value_project\.conv\.(.*)$", rf"{dst}f_value.0.\1", False),
-                  (rf"^{src}value_project\.bn\.(.*)$", rf"{dst}f_value.1.0.\1", False)]
+        rules += _conv_module_rules(rf"{src}value_project", f"{dst}f_value.0", f"{dst}f_value.1.0")
     else:  # a plain conv with bias (ISA)
         rules += [(rf"^{src}value_project\.(weight|bias)$", rf"{dst}f_value.\1", False)]
     return rules
@@ -525,10 +528,10 @@ def _rules(arch: str, stem: str) -> list[Rule]:
         rules += [(r"^decode_head\.0\.((?:convs\.0|conv_seg)\..*)$", r"auxiliary_head.\1", False),
                   (r"^decode_head\.1\.((?:bottleneck|conv_seg)\..*)$", r"decoder.\1", False),
                   *_sa_rules(b, "decoder.ocr.object_context_block.", value_module=True),
-                  (rf"^{b}out_project\.conv\.(.*)$", r"decoder.ocr.object_context_block.W.0.\1", False),
-                  (rf"^{b}out_project\.bn\.(.*)$", r"decoder.ocr.object_context_block.W.1.0.\1", False),
-                  (rf"^{b}bottleneck\.conv\.(.*)$", r"decoder.ocr.conv_bn_dropout.0.\1", False),
-                  (rf"^{b}bottleneck\.bn\.(.*)$", r"decoder.ocr.conv_bn_dropout.1.0.\1", False)]
+                  *_conv_module_rules(rf"{b}out_project", "decoder.ocr.object_context_block.W.0",
+                                      "decoder.ocr.object_context_block.W.1.0"),
+                  *_conv_module_rules(rf"{b}bottleneck", "decoder.ocr.conv_bn_dropout.0",
+                                      "decoder.ocr.conv_bn_dropout.1.0")]
         return rules
     rules.append((r"^auxiliary_head\.((?:convs\.0|conv_seg)\..*)$", r"auxiliary_head.\1", False))
     d = re.escape(d)
@@ -544,16 +547,14 @@ def _rules(arch: str, stem: str) -> list[Rule]:
     elif arch == "isanet":
         for mm, ours in (("global_relation", "long_range_sa"), ("local_relation", "short_range_sa")):
             rules += _sa_rules(rf"{d}{mm}\.", f"decoder.isa.{ours}.", value_module=False)
-            rules += [(rf"^{d}{mm}\.output_project\.conv\.(.*)$", rf"decoder.isa.{ours}.W.0.\1", False),
-                      (rf"^{d}{mm}\.output_project\.bn\.(.*)$", rf"decoder.isa.{ours}.W.1.0.\1", False)]
-        rules += [(rf"^{d}out_conv\.conv\.(.*)$", r"decoder.isa.conv_bn.0.\1", False),
-                  (rf"^{d}out_conv\.bn\.(.*)$", r"decoder.isa.conv_bn.1.0.\1", False),
+            rules += _conv_module_rules(rf"{d}{mm}\.output_project", f"decoder.isa.{ours}.W.0",
+                                        f"decoder.isa.{ours}.W.1.0")
+        rules += [*_conv_module_rules(rf"{d}out_conv", "decoder.isa.conv_bn.0", "decoder.isa.conv_bn.1.0"),
                   (rf"^{d}((?:in_conv|conv_seg)\..*)$", r"decoder.\1", False)]
     elif arch == "emanet":
         rules += [(rf"^{d}ema_module\.bases$", r"decoder.ema.mu", False),
                   (rf"^{d}ema_mid_conv\.conv\.(.*)$", r"decoder.ema.conv1.\1", False),
-                  (rf"^{d}ema_out_conv\.conv\.(.*)$", r"decoder.ema.conv2.0.\1", False),
-                  (rf"^{d}ema_out_conv\.bn\.(.*)$", r"decoder.ema.conv2.1.\1", False),
+                  *_conv_module_rules(rf"{d}ema_out_conv", "decoder.ema.conv2.0", "decoder.ema.conv2.1"),
                   (rf"^{d}((?:ema_in_conv|bottleneck|conv_cat|conv_seg)\..*)$", r"decoder.\1", False)]
     elif arch == "nlnet":
         rules += [(rf"^{d}nl_block\.(g|theta|phi)\.conv\.(.*)$", r"decoder.attn.\1.\2", False),

@@ -163,34 +163,24 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
         return _ChunkedAttention.apply(q, k, v, rel_h, rel_w, scale, chunk_size or default_chunk(q, k))
 
 
-def _fold_rel_bias(q, k, rel_h, rel_w, scale):
+def _fold_rel_bias(q: Tensor, k: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Append rel_h/rel_w to q and one-hot key rows/columns to k: q'.k' = scale q.k + bias."""
     hk, wk = rel_h.shape[-1], rel_w.shape[-1]
     rows = torch.arange(hk, device=k.device).repeat_interleave(wk)
     cols = torch.arange(wk, device=k.device).repeat(hk)
     onehot = torch.cat([F.one_hot(rows, hk), F.one_hot(cols, wk)], -1).to(k.dtype)
-    onehot = onehot.expand(*k.shape[:-2], hk * wk, hk + wk)
+    onehot = onehot.expand(list(k.shape[:-2]) + [hk * wk, hk + wk])
     q = torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], -1)
     return q, torch.cat([k, onehot], -1)
 
 
-def _traced_attention(q, k, v, scale, rel_h, rel_w):
-    """SDPA with the bias folded into q/k: plain ops for compilers and tracers, which pick the kernel."""
-    if rel_h is not None:
+def _traced_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, rel_h: Tensor | None,
+                      rel_w: Tensor | None) -> Tensor:
+    """SDPA with the bias folded into q/k: plain ops for compilers, tracers and TorchScript, which pick the kernel."""
+    if rel_h is not None and rel_w is not None:
         q, k = _fold_rel_bias(q, k, rel_h, rel_w, scale)
         scale = 1.0
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-
-def _scripted_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None, rel_h: Tensor | None,
-                        rel_w: Tensor | None) -> Tensor:
-    """The TorchScript path (torch.jit.script compiles only this): SDPA, the relative-position bias as a dense
-    additive mask (B, h, Nq, Nk)."""
-    s = q.shape[-1] ** -0.5 if scale is None else scale
-    bias: Tensor | None = None
-    if rel_h is not None and rel_w is not None:
-        bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-2).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=s)
 
 
 FLASH_MAX_DIM = 256
@@ -220,8 +210,8 @@ def global_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     rel_h (B, h, Nq, Hk) and rel_w (B, h, Nq, Wk), given together, add the decomposed relative
     position bias rel_h[i, y] + rel_w[i, x] for key j = y * Wk + x (requires Nk == Hk * Wk).
     """
-    if torch.jit.is_scripting():
-        return _scripted_attention(q, k, v, scale, rel_h, rel_w)
+    if torch.jit.is_scripting():  # TorchScript compiles only this path (the checks below format shapes)
+        return _traced_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, rel_h, rel_w)
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ValueError(f"global_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} "
                          "need matching key dims and key counts")
