@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lit_attn
-from lit_attn.layers.isa import InterlacedSparseAttention, from_groups, grouped_self_attention, to_groups
+from lit_attn.layers.isa import InterlacedSparseAttention, from_groups, to_groups
 from lit_attn.registry import GLOBAL, get_attn_entry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_isa_connects_every_pair_of_pixels(size, factor):
 
     def long_only(t):
         t = F.pad(t, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        y = grouped_self_attention(m.long_range_sa, t, dh, dw, local=False)
+        y = m.long_range_sa.grouped(t, dh, dw, local=False)
         return y[:, :, pad_h // 2:pad_h // 2 + size[0], pad_w // 2:pad_w // 2 + size[1]]
 
     jac = connectivity(m, x, long_only)

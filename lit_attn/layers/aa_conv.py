@@ -21,7 +21,7 @@ __all__ = ["AugmentedConv2d", "relative_index", "DEFAULT_FEAT_SIZE"]
 DEFAULT_FEAT_SIZE = (32, 32)
 
 
-def relative_index(length: int, table_length: int, device=None) -> Tensor:
+def relative_index(length: int, table_length: int, device: torch.device | None = None) -> Tensor:
     """(length, length) rows of a (2 * table_length - 1)-row relative table for (query, key) pairs.
 
     Row `key - query + table_length - 1`, clipped to the table: offsets within +-(table_length - 1)
@@ -121,8 +121,10 @@ class AugmentedConv2d(nn.Module):
         rel_w[i, x'] = q_i . r_width[x' - x_i + Wt - 1] (indices clipped to the tables).
         """
         q = q.unflatten(-2, (height, width))
-        r_h = self.r_height[relative_index(height, self.feat_size[0], q.device)].to(q.dtype)  # (H, H', dkh)
-        r_w = self.r_width[relative_index(width, self.feat_size[1], q.device)].to(q.dtype)  # (W, W', dkh)
+        r_height, r_width, table = self.r_height, self.r_width, self.feat_size
+        assert r_height is not None and r_width is not None and table is not None  # relative=True (narrows types)
+        r_h = r_height[relative_index(height, table[0], q.device)].to(q.dtype)  # (H, H', dkh)
+        r_w = r_width[relative_index(width, table[1], q.device)].to(q.dtype)  # (W, W', dkh)
         rel_h = torch.einsum("bnyxd,ykd->bnyxk", q, r_h).flatten(2, 3)
         rel_w = torch.einsum("bnyxd,xkd->bnyxk", q, r_w).flatten(2, 3)
         return rel_h, rel_w
@@ -135,8 +137,11 @@ class AugmentedConv2d(nn.Module):
         k, q, v = self.qkv(x).split([self.dk, self.dk, self.dv], 1)  # official order [k, q, v]
         q = map_to_tokens(q, self.num_heads) * self.dkh ** -0.5
         k, v = map_to_tokens(k, self.num_heads), map_to_tokens(v, self.num_heads)
-        rel_h, rel_w = self.relative_logits(q, height, width) if self.relative else (None, None)
-        out = global_attention(q, k, v, scale=1.0, rel_h=rel_h, rel_w=rel_w)
+        if self.relative:
+            rel_h, rel_w = self.relative_logits(q, height, width)
+            out = global_attention(q, k, v, scale=1.0, rel_h=rel_h, rel_w=rel_w)
+        else:
+            out = global_attention(q, k, v, scale=1.0)
         return self.proj(tokens_to_map(out, height, width))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -144,8 +149,10 @@ class AugmentedConv2d(nn.Module):
             check_input(self, x, self.in_channels)
         attn = self.attention(x)
         if self.conv is None:
-            size = ((x.shape[-2] - 1) // self.stride + 1, (x.shape[-1] - 1) // self.stride + 1)
-            return attn if attn.shape[-2:] == size else F.interpolate(attn, size, mode="bilinear", align_corners=False)
+            size = [(x.shape[-2] - 1) // self.stride + 1, (x.shape[-1] - 1) // self.stride + 1]
+            if list(attn.shape[-2:]) == size:
+                return attn
+            return F.interpolate(attn, size, mode="bilinear", align_corners=False)
         conv = self.conv(x)
         if attn.shape[-2:] != conv.shape[-2:]:
             attn = F.interpolate(attn, conv.shape[-2:], mode="bilinear", align_corners=False)

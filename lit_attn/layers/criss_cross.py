@@ -68,7 +68,9 @@ class CrissCrossAttention(TimmInitHooks, nn.Module):
     def project(self, x: Tensor) -> Tensor:
         """The three 1x1 convs as one GEMM, cat([q, k, v], 1), laid out channels_last (as the attention reads it)."""
         weight = torch.cat([self.query_conv.weight, self.key_conv.weight, self.value_conv.weight])
-        bias = torch.cat([self.query_conv.bias, self.key_conv.bias, self.value_conv.bias])
+        bq, bk, bv = self.query_conv.bias, self.key_conv.bias, self.value_conv.bias
+        assert bq is not None and bk is not None and bv is not None  # built with biases (narrows them for TorchScript)
+        bias = torch.cat([bq, bk, bv])
         if x.is_contiguous(memory_format=torch.channels_last):
             return F.conv2d(x, weight, bias)
         b, c, h, w = x.shape  # NCHW: (HW, C) x (C, C') GEMMs read x in place and write channels_last

@@ -130,7 +130,7 @@ class DisentangledNonLocal2d(TimmInitHooks, nn.Module):
         if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
             check_input(self, x, self.channels)
         pairwise, unary = self.terms(x)
-        if self.mode == "official":
+        if hasattr(self, "gamma"):   # mode "official" (no conv_out; `hasattr` is resolved when TorchScript compiles)
             return x + self.gamma * pairwise + unary
         if self.conv_out_form == "per_term":
             return x + self.conv_out(pairwise) + self.conv_out(unary)

@@ -25,7 +25,7 @@ _PAPER = "Expectation-Maximization Attention Networks for Semantic Segmentation 
 
 
 def _l2norm(t: Tensor, dim: int, eps: float) -> Tensor:
-    return t / (eps + t.norm(dim=dim, keepdim=True))
+    return t / (eps + t.norm(2, dim, True))
 
 
 def em_iterations(feats: Tensor, mu: Tensor, iterations: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -35,12 +35,20 @@ def em_iterations(feats: Tensor, mu: Tensor, iterations: int, eps: float = 1e-6)
     = z normalised over the N pixels (eps 1e-6), then L2-normalised over C. Returns the final bases
     (B, C, K) and the last E-step responsibilities z (B, N, K), computed from the previous bases.
     """
-    z = None
-    for _ in range(iterations):
-        z = torch.softmax(torch.bmm(feats.transpose(1, 2), mu), dim=2)   # (B, N, K): over the bases
+    if iterations < 1:
+        raise ValueError("em_iterations: iterations must be >= 1")
+    z = _e_step(feats, mu)
+    for step in range(iterations):
         z_ = z / (eps + z.sum(dim=1, keepdim=True))                       # over the pixels
         mu = _l2norm(torch.bmm(feats, z_), 1, eps)                        # (B, C, K), unit columns
+        if step + 1 < iterations:
+            z = _e_step(feats, mu)
     return mu, z
+
+
+def _e_step(feats: Tensor, mu: Tensor) -> Tensor:
+    """(B, N, K) responsibilities: softmax over the bases of feats^T mu."""
+    return torch.softmax(torch.bmm(feats.transpose(1, 2), mu), dim=2)
 
 
 class FrozenConv2d(nn.Module):
@@ -140,21 +148,33 @@ class EMAUnit(TimmInitHooks, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
             check_input(self, x, self.channels)
-        b, c, h, w = x.shape
-        with torch.set_grad_enabled(self.em_grad and torch.is_grad_enabled()):
-            feats = self.conv1(x)
-            with no_autocast(x.device):
-                acc = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
-                feats = feats.reshape(b, c, h * w).to(acc)
-                # a copy: the in-place moving average below must not touch a tensor saved for backward
-                mu0 = self.mu.to(acc, copy=True).expand(b, -1, -1)
-                mu, z = em_iterations(feats, mu0, self.iterations, self.eps)
-                recon = torch.bmm(mu, z.transpose(1, 2)).reshape(b, c, h, w).to(x.dtype)
+        if self.em_grad:
+            recon, mu = self.reconstruct(x)
+        else:
+            with torch.no_grad():
+                recon, mu = self.reconstruct(x)
         if self.training:
+            if torch.jit.is_scripting():
+                raise RuntimeError("EMAUnit: a TorchScript-compiled EMA unit runs in eval mode only (its bases "
+                                   "update is Python: torch.distributed)")
             self._update_bases(mu.detach())
         # clamp_min == ReLU, but autograd keeps its input, not its output: timm's blocks add the shortcut
         # to the attention output in place, which a saved ReLU output would not survive
         return (self.conv2(F.relu(recon)) + x).clamp_min(0)
+
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """conv1, the EM iterations (fp32 under autocast) and the reconstruction mu z^T: ((B, C, H, W), final
+        bases (B, C, K))."""
+        b, c, h, w = x.shape
+        feats = self.conv1(x)
+        with no_autocast(x.device):
+            acc = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
+            feats = feats.reshape(b, c, h * w).to(acc)
+            # a copy: the in-place moving average must not touch a tensor saved for backward
+            mu0 = self.mu.to(acc, copy=True).expand(b, -1, -1)
+            mu, z = em_iterations(feats, mu0, self.iterations, self.eps)
+            recon = torch.bmm(mu, z.transpose(1, 2)).reshape(b, c, h, w).to(x.dtype)
+        return recon, mu
 
     @torch.compiler.disable
     @torch.no_grad()

@@ -43,9 +43,10 @@ class GCN(nn.Module):
         self.conv2 = nn.Conv1d(num_state, num_state, 1, bias=False, **dd)
 
     def forward(self, v: Tensor) -> Tensor:  # in v's dtype (fp32 for a half-precision unit)
-        w1, b1, w2 = (t.to(v.dtype) for t in (self.conv1.weight, self.conv1.bias, self.conv2.weight))
-        h = F.conv1d(v.transpose(1, 2), w1, b1).transpose(1, 2) + v     # mixes nodes, per state channel
-        return F.conv1d(self.act(h), w2)                                  # mixes states, per node
+        b1 = self.conv1.bias
+        b1 = None if b1 is None else b1.to(v.dtype)
+        h = F.conv1d(v.transpose(1, 2), self.conv1.weight.to(v.dtype), b1).transpose(1, 2) + v  # mixes nodes
+        return F.conv1d(self.act(h), self.conv2.weight.to(v.dtype))                            # mixes states
 
 
 def _norm(bn: nn.Module, y: Tensor) -> Tensor:
@@ -120,8 +121,10 @@ class GloReUnit(TimmInitHooks, nn.Module):
         with no_autocast(x.device):   # products growing as |x|^3, until the BN: fp32
             acc = _acc_dtype(proj)
             proj = proj.to(acc)
-            w_s, b_s, w_e = (t.to(acc) for t in (self.conv_state.weight.flatten(1), self.conv_state.bias,
-                                                 self.conv_extend.weight.flatten(1)))
+            b_s = self.conv_state.bias
+            assert b_s is not None  # conv_state is built with a bias (the assert narrows the type for TorchScript)
+            w_s, b_s = self.conv_state.weight.flatten(1).to(acc), b_s.to(acc)
+            w_e = self.conv_extend.weight.flatten(1).to(acc)
             x_nodes = torch.matmul(x.flatten(2).to(acc), proj.transpose(1, 2))   # X B^T: (B, C, Nn)
             v = torch.matmul(w_s, x_nodes)                                      # W_s X B^T: (B, S, Nn)
             v = v + b_s[:, None] * proj.sum(-1)[:, None, :]                     # + b_s (B 1)^T
@@ -129,5 +132,8 @@ class GloReUnit(TimmInitHooks, nn.Module):
                 v = v * (1.0 / (h * w))
             z = torch.matmul(w_e, self.gcn(v))                                  # W_e GCN(V): (B, C, Nn)
             y = torch.matmul(z, proj).view(b, c, h, w)                          # reverse projection, same B
-            y = _norm(self.blocker, y)
+            if torch.jit.is_scripting():  # (a scripted unit runs in one dtype)
+                y = self.blocker(y)
+            else:
+                y = _norm(self.blocker, y)
         return x + y.to(x.dtype)

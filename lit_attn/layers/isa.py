@@ -46,13 +46,18 @@ def from_groups(t: Tensor, oh: int, ow: int, dh: int, dw: int, local: bool) -> T
     return t.flatten(4).flatten(2, 3)
 
 
-def grouped_self_attention(sa: SelfAttentionBlock, x: Tensor, dh: int, dw: int, local: bool) -> Tensor:
-    """`sa` applied within each group of x (B, C, oh*dh, ow*dw), as the official code does on the
-    (B * groups, C, ., .) batch: the 1x1 convs (and the norms' batch statistics) see the same pixels."""
-    oh, ow = x.shape[-2] // dh, x.shape[-1] // dw
-    q, k, v = (to_groups(t, dh, dw, local) for t in sa.project(x))
-    ctx = global_attention(q, k, v, scale=sa.scale)
-    return sa.W(from_groups(ctx, oh, ow, dh, dw, local))
+class GroupedSelfAttentionBlock(SelfAttentionBlock):
+    """A SelfAttentionBlock (same submodules and keys) with `grouped`, its attention within each group (a method:
+    TorchScript calls no module passed as an argument)."""
+
+    def grouped(self, x: Tensor, dh: int, dw: int, local: bool) -> Tensor:
+        """Self-attention within each group of x (B, C, oh*dh, ow*dw), as the official code does on the
+        (B * groups, C, ., .) batch: the 1x1 convs (and the norms' batch statistics) see the same pixels."""
+        oh, ow = x.shape[-2] // dh, x.shape[-1] // dw
+        q, k, v = self.project(x)
+        ctx = global_attention(to_groups(q, dh, dw, local), to_groups(k, dh, dw, local), to_groups(v, dh, dw, local),
+                               scale=self.scale)
+        return self.W(from_groups(ctx, oh, ow, dh, dw, local))
 
 
 @register_attn("isa", family="isa", kind=GLOBAL, paper=_PAPER, year=2019,
@@ -94,8 +99,8 @@ class InterlacedSparseAttention(TimmInitHooks, nn.Module):
         value_channels = channels if value_channels is None else value_channels
         self.channels, self.context_first = channels, bool(context_first)
         kw = dict(bias=bias, value_bias=value_bias, norm_layer=norm, act_layer=act, **dd)
-        self.long_range_sa = SelfAttentionBlock(channels, key_channels, value_channels, channels, **kw)
-        self.short_range_sa = SelfAttentionBlock(channels, key_channels, value_channels, channels, **kw)
+        self.long_range_sa = GroupedSelfAttentionBlock(channels, key_channels, value_channels, channels, **kw)
+        self.short_range_sa = GroupedSelfAttentionBlock(channels, key_channels, value_channels, channels, **kw)
         self.conv_bn = fusion(2 * channels, channels, bias, dropout, norm, act, dd)
 
     def context(self, x: Tensor) -> Tensor:
@@ -109,8 +114,8 @@ class InterlacedSparseAttention(TimmInitHooks, nn.Module):
         top, left = pad_h // 2, pad_w // 2
         if tracing() or pad_h or pad_w:
             x = F.pad(x, (left, pad_w - left, top, pad_h - top))
-        x = grouped_self_attention(self.long_range_sa, x, dh, dw, local=False)
-        x = grouped_self_attention(self.short_range_sa, x, dh, dw, local=True)
+        x = self.long_range_sa.grouped(x, dh, dw, local=False)
+        x = self.short_range_sa.grouped(x, dh, dw, local=True)
         return x[:, :, top:top + h, left:left + w]
 
     def forward(self, x: Tensor) -> Tensor:

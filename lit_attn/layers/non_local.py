@@ -29,14 +29,14 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 SEARCH_STEPS = 31  # binary-search steps of the export path: exact for up to 2^31 - 1 keys
 
 
-def _count_greater(b_desc: Tensor, t: Tensor) -> Tensor:
+def _count_greater(b_desc: Tensor, t: Tensor, steps: int = SEARCH_STEPS) -> Tensor:
     """m[b, i] = #{k: b_desc[b, k] > t[b, i]} for rows b_desc (B, M) sorted descending, t (B, N): what
     torch.searchsorted(-b_desc, -t, side="left") gives, by a binary search over the prefix length with a fixed
     number of steps (`SEARCH_STEPS`, from 2^30 down to 1; steps past M are skipped), as gathers and
     comparisons: exact, O(N log M) and free of the size-dependent loop counts an exported graph would freeze."""
     n_keys = b_desc.shape[-1]
     m = torch.zeros_like(t, dtype=torch.long)
-    for k in range(SEARCH_STEPS - 1, -1, -1):
+    for k in range(steps - 1, -1, -1):
         cand = m + (1 << k)                                   # try to extend the prefix to cand keys
         idx = (cand - 1).clamp(max=n_keys - 1)
         ok = (cand <= n_keys) & (b_desc.gather(-1, idx) > t)  # the prefix holds: every key before is > t
@@ -145,20 +145,24 @@ class NonLocal2d(TimmInitHooks, nn.Module):
                              f"for maps with a side of 1")
         return F.max_pool2d(x, 2, 2, ceil_mode=self.pool_ceil)
 
+    def _softmax_attention(self, q: Tensor, k: Tensor, g: Tensor, h: int, w: int) -> Tensor:
+        """Embedded / gaussian: softmax(q k^T * scale) g over the keys, as a (B, inner, H, W) map."""
+        scale = q.shape[-1] ** -0.5 if self.use_scale else 1.0
+        return tokens_to_map(global_attention(q, k, map_to_tokens(g), scale=scale), h, w)
+
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
             check_input(self, x, self.channels)
         _, _, h, w = x.shape
         xk = self._pool(x) if self.sub_sample else x   # keys/values only
         g = self.g(xk)
-        if self.mode in ("embedded", "gaussian"):
-            if self.mode == "embedded":
-                q, k = map_to_tokens(self.theta(x)), map_to_tokens(self.phi(xk))
-            else:
-                q, k = map_to_tokens(x), map_to_tokens(xk)
-            scale = q.shape[-1] ** -0.5 if self.use_scale else 1.0
-            y = tokens_to_map(global_attention(q, k, map_to_tokens(g), scale=scale), h, w)
-        elif self.mode == "dot":
+        # the modes are told apart by the submodules they have (`hasattr` is resolved when TorchScript compiles the
+        # module, so only the present submodules are compiled): gaussian has no theta / phi, concat alone has w_f
+        if not hasattr(self, "theta"):   # gaussian: the raw input
+            y = self._softmax_attention(map_to_tokens(x), map_to_tokens(xk), g, h, w)
+        elif self.mode == "embedded":
+            y = self._softmax_attention(map_to_tokens(self.theta(x)), map_to_tokens(self.phi(xk)), g, h, w)
+        elif not hasattr(self, "w_f"):   # dot
             theta, phi = self.theta(x).flatten(2), self.phi(xk).flatten(2)
             n_keys = phi.shape[-1]                     # N', a constant (no gradient), as official
             with no_autocast(x.device):  # g phi^T sums N' products: fp32
@@ -166,7 +170,7 @@ class NonLocal2d(TimmInitHooks, nn.Module):
                 theta, phi, gf = theta.to(acc), phi.to(acc), g.flatten(2).to(acc)
                 y = torch.matmul(torch.matmul(gf, phi.transpose(1, 2)), theta).div(n_keys)
             y = y.to(g.dtype).unflatten(2, (h, w))
-        else:
+        else:                            # concat
             theta, phi = self.theta(x), self.phi(xk)
             n_keys = phi.shape[-2] * phi.shape[-1]
             with no_autocast(x.device):

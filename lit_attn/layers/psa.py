@@ -135,9 +135,10 @@ class PolarizedSelfAttention(TimmInitHooks, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
             check_input(self, x, self.channels)
-        if self.layout == "channel":
+        # the single-branch layouts lack the other branch's convs (`hasattr` is resolved when TorchScript compiles)
+        if not hasattr(self, "conv_q_left"):   # layout "channel"
             return x * self.channel_mask(x)
-        if self.layout == "spatial":
+        if not hasattr(self, "conv_q_right"):  # layout "spatial"
             return x * self.spatial_mask(x)
         if self.layout == "parallel":
             return x * self.channel_mask(x) + x * self.spatial_mask(x)

@@ -187,7 +187,9 @@ def _criss_cross_traced(qkv: Tensor, ck: int, gamma: Tensor | None, residual: Te
     row, col = _logits(t[..., :ck], t[..., ck:2 * ck], _acc_dtype(vn))        # (B, H, W, W), (B, W, H, H)
     ar = torch.arange(h, device=qkv.device)
     eye = ar[:, None] == ar  # (not torch.eye: ONNX Runtime has no boolean EyeLike)
-    col = col.masked_fill(eye, torch.finfo(col.dtype).min).transpose(1, 2)    # finite mask: no inf - inf
+    # finite mask (no inf - inf): float32's min (the logits are fp32 or fp64; exp of it is exactly 0 in both), a
+    # literal because TorchScript has no torch.finfo
+    col = col.masked_fill(eye, -3.4028234663852886e38).transpose(1, 2)
     p = torch.softmax(torch.cat([row, col], -1), -1).to(vn.dtype)
     out = p[..., :-h] @ vn + (p[..., -h:].transpose(1, 2) @ vn.transpose(1, 2)).transpose(1, 2)
     out = out.permute(0, 3, 1, 2)

@@ -36,9 +36,13 @@ def adaptive_pool_matrix(size, out: int, dtype: torch.dtype, device=None) -> Ten
     return inside.to(dtype) / (end - start)[:, None].to(dtype)
 
 
-def adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
+def adaptive_avg_pool2d(x: Tensor, output_size: int | tuple[int, int]) -> Tensor:
     """F.adaptive_avg_pool2d(x, output_size) for x (B, C, H, W) and an int or (int, int) output size (no None);
     computed with matrix products while exporting (see the module docstring)."""
+    if torch.jit.is_scripting():  # TorchScript compiles the pooling kernel only
+        if isinstance(output_size, int):
+            return F.adaptive_avg_pool2d(x, output_size)
+        return F.adaptive_avg_pool2d(x, output_size)
     oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     if not exporting() or (oh == 1 and ow == 1):  # global pooling lowers everywhere (GlobalAveragePool)
         return F.adaptive_avg_pool2d(x, (oh, ow))
