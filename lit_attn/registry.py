@@ -49,6 +49,11 @@ class AttnEntry:
 _REGISTRY: dict[str, AttnEntry] = {}
 
 
+# lit_attn blocks that torch.jit.script does not compile (README "Export, FX, TorchScript" gives the reasons); every
+# other lit_attn block scripts and matches eager (tests/test_block_contracts.py checks both)
+NOT_SCRIPTABLE = frozenset({"dgmn", "latentgnn", "psanet", "residual_attention"})
+
+
 def register_attn(name: str, *, family: str, kind: str, paper: str, year: int, attends: str, cost: str,
                   source: str = "lit_attn", cls: Callable[..., nn.Module] | None = None, **defaults):
     """Register a block under `name`. Use as a decorator, or pass `cls=` for an existing class.

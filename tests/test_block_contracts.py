@@ -20,7 +20,7 @@ import lit_attn
 from lit_attn.layers.conv_module import ConvModule
 from lit_attn.models.lit_resnet import IDENTITY_AT_INIT
 from lit_attn.models.pretrained import block_is_identity_at_init
-from lit_attn.registry import GATE, GLOBAL
+from lit_attn.registry import GATE, GLOBAL, NOT_SCRIPTABLE
 
 PLUGINS = lit_attn.list_attn(kind=(GATE, GLOBAL), source="lit_attn")
 IDENTITY = sorted(IDENTITY_AT_INIT)
@@ -519,10 +519,6 @@ def test_fx_features_only():
     with torch.no_grad():
         for a, b in zip(model(x), ref(x), strict=True):
             torch.testing.assert_close(a, b)
-
-
-# the blocks torch.jit.script does not compile yet (README "Export, FX, TorchScript" gives the reasons)
-NOT_SCRIPTABLE = {"apnb", "dgmn", "latentgnn", "psanet", "residual_attention"}
 
 
 @pytest.mark.parametrize("name", PLUGINS)

@@ -360,3 +360,13 @@ DYNAMO_STATIC_ONLY = {"isanet"}
 def test_onnx_export_matches_onnxruntime(arch, dynamo):
     """Before: the TorchScript-based exporter gave a wrong isanet graph (8.5e-3) and refused apcnet and ann."""
     check_onnx(arch, dynamo)
+
+
+def test_attnfcn_scriptable_flag_follows_its_block():
+    """AttnFCN's class flag is its default block's (psa_p); an instance with a block TorchScript does not compile
+    says so, and smp's guard refuses it with smp's message."""
+    assert create("attnfcn")._is_torch_scriptable
+    model = create("attnfcn", attention="dgmn").eval()
+    assert not model._is_torch_scriptable
+    with pytest.raises(RuntimeError, match="cannot be scripted with TorchScript yet"):
+        torch.jit.script(model)

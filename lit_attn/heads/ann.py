@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..registry import create_attn
@@ -66,13 +67,17 @@ class ANNHead(DecodeHead):
         """The AFNB and APNB blocks; `init_weights` leaves them alone."""
         return tuple(m for m in (getattr(self, "fusion", None), getattr(self, "context", None)) if m is not None)
 
-    def forward_features(self, x3: Tensor, x4: Tensor) -> Tensor:
-        """The (B, channels, h, w) features before the last dropout and the classifier."""
+    def _check(self, x3: Tensor, x4: Tensor) -> None:
         low, high = self.in_channels
         check_map(self, x3, low, "stage-3 map x3")
         check_map(self, x4, high, "stage-4 map x4")
         if x3.shape[0] != x4.shape[0]:
             raise ValueError(f"{type(self).__name__}: x3 and x4 need the same batch size, got "
                              f"{tuple(x3.shape)} and {tuple(x4.shape)}")
+
+    def forward_features(self, x3: Tensor, x4: Tensor) -> Tensor:
+        """The (B, channels, h, w) features before the last dropout and the classifier."""
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only checks)
+            self._check(x3, x4)
         out = self.dropout(self.fusion(x3, x4))
         return self.context(self.bottleneck(out))

@@ -59,8 +59,12 @@ class APCHead(DecodeHead):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The (B, channels, H, W) features before dropout and the classifier."""
-        check_map(self, x, self.in_channels)
-        return self.bottleneck(torch.cat([x, *(acm(x) for acm in self.acm_modules)], dim=1))
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_map(self, x, self.in_channels)
+        outs = [x]
+        for acm in self.acm_modules:
+            outs.append(acm(x))
+        return self.bottleneck(torch.cat(outs, dim=1))
 
     def extra_repr(self) -> str:
         return f"pool_scales={self.pool_scales}, fusion={self.fusion}"

@@ -6,6 +6,7 @@ blocks (`lit_attn/layers/danet.py`); this file only wires the convs and classifi
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..registry import create_attn
@@ -69,7 +70,8 @@ class DAHead(nn.Module):
 
     def branch_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(pam_feat, cam_feat), each (B, channels, H, W): the two branches before dropout and classifiers."""
-        check_map(self, x, self.in_channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_map(self, x, self.in_channels)
         pam_feat = self.pam_out_conv(self.pam(self.pam_in_conv(x)))
         cam_feat = self.cam_out_conv(self.cam(self.cam_in_conv(x)))
         return pam_feat, cam_feat

@@ -67,6 +67,8 @@ class EMAHead(DecodeHead):
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
         self.init_weights()
 
+    __jit_unused_properties__ = ["no_grad_params"]  # TorchScript compiles module properties; forward does not use it
+
     @property
     def no_grad_params(self) -> tuple[str, ...]:
         """Parameters that get no gradient by design: the frozen mid conv (mmseg's `ema_mid_conv`)."""
@@ -88,7 +90,8 @@ class EMAHead(DecodeHead):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The (B, channels, h, w) features before dropout and the classifier."""
-        check_map(self, x, self.in_channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_map(self, x, self.in_channels)
         out = self.bottleneck(self.ema(self.ema_in_conv(x)))
         if self.concat_input:
             out = self.conv_cat(torch.cat([x, out], dim=1))

@@ -65,6 +65,7 @@ class DecodeHead(nn.Module):
         """Dropout2d, then the 1x1 classifier (mmseg's `cls_seg`)."""
         return self.conv_seg(self.dropout(feat))
 
+    @torch.jit.unused  # TorchScript takes no *inputs: scripted callers use cls_seg(forward_features(...))
     def forward(self, *inputs: Tensor) -> Tensor:
         return self.cls_seg(self.forward_features(*inputs))
 
@@ -114,8 +115,9 @@ class FCNHead(DecodeHead):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The (B, channels, H, W) features before dropout and the classifier."""
-        check_map(self, x, self.in_channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_map(self, x, self.in_channels)
         out = self.context(x)
-        if self.concat_input:
+        if hasattr(self, "conv_cat"):  # concat_input (`hasattr` is resolved when TorchScript compiles)
             out = self.conv_cat(torch.cat([x, out], dim=1))
         return out

@@ -6,6 +6,7 @@ local relation -> out_conv 1x1 on concat[context, in_conv(x)] -> Dropout2d -> 1x
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..registry import create_attn
@@ -56,5 +57,6 @@ class ISAHead(DecodeHead):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The (B, channels, h, w) features before dropout and the classifier."""
-        check_map(self, x, self.in_channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_map(self, x, self.in_channels)
         return self.isa(self.in_conv(x))

@@ -7,6 +7,7 @@ soft object regions from the stage-1 logits -> pixel-region attention -> 1x1 fus
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -60,8 +61,7 @@ class OCRHead(DecodeHead):
         ocr = getattr(self, "ocr", None)
         return () if ocr is None else (ocr,)
 
-    def forward_features(self, x: Tensor, region_logits: Tensor) -> Tensor:
-        """The (B, channels, h, w) object-contextual features before dropout and the classifier."""
+    def _check(self, x: Tensor, region_logits: Tensor) -> None:
         check_map(self, x, self.in_channels)
         name = type(self).__name__
         if not isinstance(region_logits, Tensor) or region_logits.ndim != 4 or 0 in region_logits.shape:
@@ -69,6 +69,11 @@ class OCRHead(DecodeHead):
             raise ValueError(f"{name} expects region_logits (B, K, h, w) (the stage-1 head's logits), got {shape}")
         if region_logits.shape[0] != x.shape[0]:
             raise ValueError(f"{name}: region_logits batch {region_logits.shape[0]} != feature batch {x.shape[0]}")
+
+    def forward_features(self, x: Tensor, region_logits: Tensor) -> Tensor:
+        """The (B, channels, h, w) object-contextual features before dropout and the classifier."""
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only checks)
+            self._check(x, region_logits)
         if region_logits.shape[-2:] != x.shape[-2:]:
             region_logits = F.interpolate(region_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.ocr(self.bottleneck(x), region_logits)

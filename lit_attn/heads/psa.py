@@ -94,6 +94,7 @@ class PSAHead(PointwiseSpatialContext, DecodeHead):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The (B, channels, H, W) features before dropout and the classifier."""
-        check_map(self, x, self.in_channels)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
+            check_map(self, x, self.in_channels)
         out = self.context(x)
         return self.bottleneck(torch.cat([x, out.to(x.dtype)], dim=1))

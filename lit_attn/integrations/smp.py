@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ..heads.danet import DAHead
 from ..heads.fcn import FCNHead
-from ..registry import GATE, GLOBAL, get_attn_entry, is_attn
+from ..registry import GATE, GLOBAL, NOT_SCRIPTABLE, get_attn_entry, is_attn
 
 __all__ = ["ARCHITECTURES", "CAPABILITIES", "CLASSES", "AttnFCN", "AttnSegmentationModel", "LitAttnDecoderAttention",
            "install"]
@@ -68,11 +68,11 @@ ARCHITECTURES: dict[str, tuple[str, str, dict, str, str, int]] = {
 # What smp's `_is_torch_scriptable`, `_is_torch_exportable`, `_is_torch_compilable` report per architecture:
 # measured with resnet18 and timm's test_resnet encoders at 64x64 in eval mode (torch.jit.script; torch.export.export
 # strict=True; torch.compile fullgraph=True, dynamic=True), and checked both ways by tests/test_smp_contract.py (a
-# False flag must still fail there, so a capability that starts working shows up). TorchScript fails in every
-# architecture: the heads' `forward(*inputs)` (DecodeHead), `nn.Module`-typed helpers and f-strings over
-# `tuple(x.shape)` in the input checks of the heads and blocks. AttnFCN's flags are those of its default block.
+# False flag must still fail there, so a capability that starts working shows up). TorchScript fails for PSANet
+# (its block's cached index tensors and closures, see README); AttnFCN's flags are those of its default block, and
+# an AttnFCN instance is not scriptable with a block in `lit_attn.registry.NOT_SCRIPTABLE`.
 CAPABILITIES: dict[str, tuple[bool, bool, bool]] = {  # arch: (scriptable, exportable, compilable)
-    arch: (False, True, True) for arch in ARCHITECTURES
+    arch: (arch != "psanet", True, True) for arch in ARCHITECTURES
 }
 
 
@@ -207,7 +207,10 @@ class AttnSegmentationModel(SegmentationModel):
         if self._cascade:
             auxiliary_head = self.auxiliary_head
             assert auxiliary_head is not None
-            aux = auxiliary_head(feats[-2])
+            if torch.jit.is_scripting():  # the heads' forward takes *inputs: their typed methods
+                aux = auxiliary_head.cls_seg(auxiliary_head.forward_features(feats[-2]))
+            else:
+                aux = auxiliary_head(feats[-2])
         logits = self._main_logits(feats, aux)
         masks = self.segmentation_head(F.interpolate(logits, size=x.shape[-2:], mode="bilinear",
                                                      align_corners=False))
@@ -249,6 +252,8 @@ class AttnFCN(AttnSegmentationModel):
     def __init__(self, attention: str | None = "psa_p", attention_kwargs: dict[str, Any] | None = None, **kwargs: Any):
         self._attention = (attention, attention_kwargs)
         super().__init__(**kwargs)
+        if attention is not None and attention.lower() in NOT_SCRIPTABLE:  # the class flag is the default block's
+            self._is_torch_scriptable = False
 
     def _head_kwargs(self) -> dict:
         attention, attention_kwargs = self._attention

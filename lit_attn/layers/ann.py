@@ -33,16 +33,18 @@ _PAPER = "Asymmetric Non-local Neural Networks for Semantic Segmentation (ICCV 2
 POOL_SIZES = (1, 3, 6, 8)
 
 
-def pyramid_pool(x: Tensor, sizes: Sequence[int] = POOL_SIZES) -> Tensor:
+def pyramid_pool(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     """(B, C, H, W) -> (B, C, S): adaptive average pools of x at each size s (s x s cells), flattened in
     row-major order and concatenated, S = sum(s^2) (110 for (1, 3, 6, 8)). Any H, W >= 1 (a map
     smaller than s is replicated by the adaptive pooling windows, as in PyTorch's AdaptiveAvgPool2d). While
     exporting, the same bins are pooled with matrix products (`lit_attn.ops.pooling`), so ONNX export works at
-    any H, W."""
+    any H, W. `sizes` defaults to POOL_SIZES."""
+    if sizes is None:
+        sizes = [1, 3, 6, 8]  # POOL_SIZES (TorchScript reads no module globals)
     return torch.cat([adaptive_avg_pool2d(x, s).flatten(2) for s in sizes], 2)
 
 
-def pyramid_attention(query: Tensor, key: Tensor, value: Tensor, sizes: Sequence[int] = POOL_SIZES) -> Tensor:
+def pyramid_attention(query: Tensor, key: Tensor, value: Tensor, sizes: list[int] | None = None) -> Tensor:
     """softmax over the S pyramid anchors of (q k^T) * dk^-0.5, times the pooled values.
 
     query (B, dk, H, W) at full resolution; key (B, dk, H', W') and value (B, dv, H', W') are pooled by
@@ -141,7 +143,7 @@ class APNB(TimmInitHooks, nn.Module):
     def context(self, x: Tensor) -> Tensor:
         """The attended context out_project(softmax(q k^T / sqrt(dk)) v), (B, C, H, W)."""
         qk = self.key_project(x)
-        return self.out_project(pyramid_attention(qk, qk, self.value_project(x), self.pool_sizes))
+        return self.out_project(pyramid_attention(qk, qk, self.value_project(x), list(self.pool_sizes)))
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
@@ -212,10 +214,11 @@ class AFNB(nn.Module):
     def context(self, low: Tensor, high: Tensor) -> Tensor:
         """The attended context out_project(softmax(q k^T / sqrt(dk)) v), (B, out_channels, H, W)."""
         q, k, v = self.query_project(high), self.key_project(low), self.value_project(low)
-        return self.out_project(pyramid_attention(q, k, v, self.pool_sizes))
+        return self.out_project(pyramid_attention(q, k, v, list(self.pool_sizes)))
 
     def forward(self, low: Tensor, high: Tensor) -> Tensor:
-        self.check_inputs(low, high)
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only checks)
+            self.check_inputs(low, high)
         return self.dropout(self.bottleneck(torch.cat([self.context(low, high), high], 1)))
 
     def extra_repr(self) -> str:

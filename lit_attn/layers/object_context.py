@@ -228,9 +228,8 @@ class ObjectContextBlock(nn.Module):
                                                        value_norm=True, norm_layer=norm, act_layer=act, **dd)
         self.conv_bn_dropout = fusion(2 * channels, channels, bias, dropout, norm, act, dd)
 
-    def forward(self, feats: Tensor, region_logits: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
-            check_input(self, feats, self.channels)
+    def _check(self, feats: Tensor, region_logits: Tensor) -> None:
+        check_input(self, feats, self.channels)
         name = type(self).__name__
         if not isinstance(region_logits, Tensor) or region_logits.ndim != 4:
             shape = tuple(region_logits.shape) if isinstance(region_logits, Tensor) else type(region_logits).__name__
@@ -239,6 +238,10 @@ class ObjectContextBlock(nn.Module):
         if region_logits.shape[0] != b or tuple(region_logits.shape[2:]) != (h, w) or region_logits.shape[1] < 1:
             raise ValueError(f"{name}: region_logits must be (B={b}, K>=1, H={h}, W={w}) to match feats "
                              f"{tuple(feats.shape)}, got {tuple(region_logits.shape)} (resize the logits first)")
+
+    def forward(self, feats: Tensor, region_logits: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():  # (TorchScript skips the Python-only checks)
+            self._check(feats, region_logits)
         regions = spatial_gather(feats, region_logits, self.scale)        # (B, C, K, 1)
         context = self.object_context_block(feats, regions)
         return self.conv_bn_dropout(torch.cat([context, feats], 1))
