@@ -534,10 +534,11 @@ def test_torchscript_blocks(name):
         torch.testing.assert_close(scripted(x), block(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_name", ["resnet18_danet", "resnet50_danet_cam", "aa_resnet50"])
+@pytest.mark.parametrize("model_name", ["resnet18_danet", "resnet50_danet_cam", "aa_resnet50", "resattnet56"])
 def test_torchscript_resnet_variant(model_name):
     """timm's test_model_forward_torchscript on variants with context blocks (ContextBasicBlock, ContextBottleneck:
-    their scripted forward spells out timm's block forward) and on AA-ResNet-50 (relative logits)."""
+    their scripted forward spells out timm's block forward), on AA-ResNet-50 (relative logits) and Attention-56
+    (its modules' top-down walk)."""
     with timm.layers.set_scriptable(True):
         model = _model(model_name)
     scripted = torch.jit.script(model)

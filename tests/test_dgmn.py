@@ -225,3 +225,14 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="DynamicGraphMessagePassing.*C=16"):
         DynamicGraphMessagePassing(32)(torch.randn(1, 16, 4, 4))
     assert isinstance(DynamicGraphMessagePassing(32, act_layer="silu").scale1[2], torch.nn.SiLU)
+
+
+@pytest.mark.parametrize("mode,dilations", [("deformatt", (1, 4, 8, 12)), ("none", (2, 1, 3, 5, 4))])
+def test_torchscript_matches_naive(mode, dilations):
+    """torch.jit.script: the scripted block reaches `cata`.. through its children (TorchScript looks up no computed
+    name), in registration order, so each conv meets its own dilation (an unsorted tuple here); keys unchanged."""
+    m = randomise(DynamicGraphMessagePassing(16, mode=mode, group=2, dilations=dilations).double())
+    scripted = torch.jit.script(m)
+    assert list(scripted.state_dict()) == list(m.state_dict())
+    x = torch.randn(2, 16, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(scripted(x), naive_dgmn(m, x), rtol=1e-10, atol=1e-10)

@@ -127,6 +127,21 @@ def test_forward_matches_naive_composition(levels, hw, level_sizes):
     assert out.shape == x.shape
 
 
+@pytest.mark.parametrize("levels, hw", [(3, (7, 9)), (1, (5, 6))])
+def test_torchscript_matches_naive_composition(levels, hw):
+    """torch.jit.script: the scripted block finds `skips[i]` / `up[i]` by a scan (TorchScript indexes a ModuleList
+    by literals only) and walks the levels top-down as eager; keys unchanged."""
+    blk = _block(levels=levels, r=2)
+    scripted = torch.jit.script(blk)
+    assert list(scripted.state_dict()) == list(blk.state_dict())
+    x = torch.randn(2, 16, *hw, dtype=torch.float64)
+    s = _naive_units(blk.shared, x)
+    m = torch.sigmoid(_naive_mask_logits(blk, s, []))
+    ref = _naive_units(blk.final, (1 + m) * _naive_units(blk.trunk, s))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), ref, rtol=1e-10, atol=1e-10)
+
+
 def test_out_is_final_of_one_plus_mask_times_trunk():
     """Composition through the block's own pieces: out == final((1 + sigmoid(logits)) * trunk(shared(x)))."""
     blk = _block()

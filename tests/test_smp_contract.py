@@ -362,10 +362,12 @@ def test_onnx_export_matches_onnxruntime(arch, dynamo):
     check_onnx(arch, dynamo)
 
 
-def test_attnfcn_scriptable_flag_follows_its_block():
+def test_attnfcn_scriptable_flag_follows_its_block(monkeypatch):
     """AttnFCN's class flag is its default block's (psa_p); an instance with a block TorchScript does not compile
-    says so, and smp's guard refuses it with smp's message."""
+    (none now: `NOT_SCRIPTABLE` is empty, so dgmn stands in) says so, and smp's guard refuses it with smp's message."""
     assert create("attnfcn")._is_torch_scriptable
+    assert create("attnfcn", attention="dgmn")._is_torch_scriptable
+    monkeypatch.setattr("lit_attn.integrations.smp.NOT_SCRIPTABLE", frozenset({"dgmn"}))
     model = create("attnfcn", attention="dgmn").eval()
     assert not model._is_torch_scriptable
     with pytest.raises(RuntimeError, match="cannot be scripted with TorchScript yet"):

@@ -68,11 +68,11 @@ ARCHITECTURES: dict[str, tuple[str, str, dict, str, str, int]] = {
 # What smp's `_is_torch_scriptable`, `_is_torch_exportable`, `_is_torch_compilable` report per architecture:
 # measured with resnet18 and timm's test_resnet encoders at 64x64 in eval mode (torch.jit.script; torch.export.export
 # strict=True; torch.compile fullgraph=True, dynamic=True), and checked both ways by tests/test_smp_contract.py (a
-# False flag must still fail there, so a capability that starts working shows up). TorchScript fails for PSANet
-# (its block's cached index tensors and closures, see README); AttnFCN's flags are those of its default block, and
-# an AttnFCN instance is not scriptable with a block in `lit_attn.registry.NOT_SCRIPTABLE`.
+# False flag must still fail there, so a capability that starts working shows up). Every architecture scripts
+# (PSANet too: its block builds the index tensors uncached under TorchScript); AttnFCN's flags are those of its
+# default block, and an AttnFCN instance is not scriptable with a block in `lit_attn.registry.NOT_SCRIPTABLE`.
 CAPABILITIES: dict[str, tuple[bool, bool, bool]] = {  # arch: (scriptable, exportable, compilable)
-    arch: (arch != "psanet", True, True) for arch in ARCHITECTURES
+    arch: (True, True, True) for arch in ARCHITECTURES
 }
 
 

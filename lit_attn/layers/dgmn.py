@@ -40,17 +40,18 @@ def deform_unfold(x: Tensor, offset: Tensor, dilation: int) -> Tensor:
     inputs are sampled in fp32 (a bf16 sampling grid would be off by pixels).
     """
     b, c, h, w = x.shape
+    taps = 9  # the 3x3 taps (_TAPS: TorchScript reads no int globals)
     dev = x.device
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     with no_autocast(dev):
-        off = offset.to(acc).view(b, _TAPS, 2, h, w)
-        tap = torch.arange(_TAPS, device=dev)
-        ky = ((tap // 3 - 1) * dilation).view(1, _TAPS, 1, 1)
-        kx = ((tap % 3 - 1) * dilation).view(1, _TAPS, 1, 1)
+        off = offset.to(acc).view(b, taps, 2, h, w)
+        tap = torch.arange(taps, device=dev)
+        ky = ((tap // 3 - 1) * dilation).view(1, taps, 1, 1)
+        kx = ((tap % 3 - 1) * dilation).view(1, taps, 1, 1)
         ys = torch.arange(h, device=dev).view(1, 1, h, 1) + ky + off[:, :, 0]   # (B, 9, H, W)
         xs = torch.arange(w, device=dev).view(1, 1, 1, w) + kx + off[:, :, 1]
         # pixel centres -> [-1, 1] with align_corners=False (exact for any size, H or W = 1 included)
-        grid = torch.stack(((2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1), dim=-1).view(b, _TAPS, h * w, 2)
+        grid = torch.stack(((2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1), dim=-1).view(b, taps, h * w, 2)
         cols = F.grid_sample(x.to(acc), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return cols.to(x.dtype)
 
@@ -129,24 +130,33 @@ class DynamicGraphMessagePassing(TimmInitHooks, nn.Module):
 
     def message(self, xd: Tensor, i: int) -> Tensor:
         """The message of dilation branch i on the reduced features xd (B, C', H, W) -> (B, C', H, W)."""
+        return self.aggregate(xd, getattr(self, f"cat{chr(97 + i)}")(xd), self.dilations[i])
+
+    def aggregate(self, xd: Tensor, pred: Tensor, d: int) -> Tensor:
+        """A dilation-d branch's message from its conv's prediction `pred` (filter logits, offsets, modulations)."""
         b, c, h, w = xd.shape
-        g, d, n = self.group, self.dilations[i], h * w
-        pred = getattr(self, f"cat{chr(97 + i)}")(xd)
-        filt = torch.softmax(pred[:, :g * _TAPS].reshape(b, g, _TAPS, n), dim=2)    # (B, G, 9, N)
+        g, n, taps = self.group, h * w, 9   # 9 = _TAPS
+        filt = torch.softmax(pred[:, :g * taps].reshape(b, g, taps, n), dim=2)    # (B, G, 9, N)
         if self.training and self.shuffle:
             filt = filt[:, torch.randperm(g, device=xd.device)]
         if self.mode == "none":
-            cols = F.unfold(xd, 3, dilation=d, padding=d).view(b, c, _TAPS, n)
+            cols = F.unfold(xd, 3, dilation=d, padding=d).view(b, c, taps, n)
         else:
-            cols = deform_unfold(xd, pred[:, g * _TAPS:g * _TAPS + 18], d)          # (B, C', 9, N)
+            cols = deform_unfold(xd, pred[:, g * taps:g * taps + 18], d)          # (B, C', 9, N)
             if self.mode == "deformatt":
-                cols = cols * torch.sigmoid(pred[:, -_TAPS:]).reshape(b, 1, _TAPS, n)
-        cols = cols.view(b, g, c // g, _TAPS, n)
+                cols = cols * torch.sigmoid(pred[:, -taps:]).reshape(b, 1, taps, n)
+        cols = cols.view(b, g, c // g, taps, n)
         return torch.einsum("bgrkn,bgkn->bgrn", cols, filt).reshape(b, c, h, w)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
             check_input(self, x, self.channels)
         xd = self.scale1(x)
-        msgs = [self.message(xd, i) for i in range(len(self.dilations))]
-        return x + self.scale3(self.scale2(torch.cat([xd, *msgs], dim=1)))
+        if torch.jit.is_scripting():  # TorchScript cannot look up `cat{a, b, ..}` by a computed name: it unrolls
+            feats = [xd]              # the children (in registration order: cata, catb, ..) and keeps those
+            for name, conv in self.named_children():
+                if name.startswith("cat"):
+                    feats.append(self.aggregate(xd, conv(xd), self.dilations[len(feats) - 1]))
+        else:
+            feats = [xd] + [self.message(xd, i) for i in range(len(self.dilations))]
+        return x + self.scale3(self.scale2(torch.cat(feats, dim=1)))

@@ -65,8 +65,11 @@ class LatentGNNKernel(nn.Module):
     def forward(self, v2l_feat: Tensor, l2v_feat: Tensor | None) -> Tensor:
         b, c, h, w = v2l_feat.shape
         asymmetric = self.mode == "asymmetric"
-        psi_v2l = self.psi_v2l(v2l_feat) if asymmetric else self.psi(v2l_feat)
-        psi_l2v = self.psi_l2v(l2v_feat) if asymmetric else psi_v2l
+        if hasattr(self, "psi"):   # symmetric: one psi (`hasattr` is resolved when TorchScript compiles)
+            psi_v2l = psi_l2v = self.psi(v2l_feat)
+        else:
+            assert l2v_feat is not None, "LatentGNNKernel: the asymmetric mode needs latent-to-visible features"
+            psi_v2l, psi_l2v = self.psi_v2l(v2l_feat), self.psi_l2v(l2v_feat)
         with no_autocast(v2l_feat.device):  # norms of ReLU outputs, sums over N: fp32
             v2l_adj = _normalize(psi_v2l.flatten(2), dim=2 if asymmetric else 1)   # (B, d, N), over pixels
             l2v_adj = _normalize(psi_l2v.flatten(2), dim=1) if asymmetric else v2l_adj  # over nodes
@@ -138,10 +141,17 @@ class LatentGNN(TimmInitHooks, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # (TorchScript skips the Python-only check)
             check_input(self, x, self.channels)
-        if self.mode == "asymmetric":
-            v2l, l2v = (_normalize(f(x), dim=1).to(x.dtype) for f in (self.down_channel_v2l, self.down_channel_l2v))
-        else:
+        if hasattr(self, "down_channel"):   # symmetric
             v2l, l2v = _normalize(self.down_channel(x), dim=1).to(x.dtype), None
-        outs = [getattr(self, f"LatentGNN_Kernel_{i}")(v2l, l2v) for i in range(len(self.latent_dims))]
+        else:
+            v2l = _normalize(self.down_channel_v2l(x), dim=1).to(x.dtype)
+            l2v = _normalize(self.down_channel_l2v(x), dim=1).to(x.dtype)
+        if torch.jit.is_scripting():  # TorchScript cannot look up `LatentGNN_Kernel_<i>` by a computed name: it
+            outs: list[Tensor] = []   # unrolls the children (registration order: kernel 0, 1, ..) and keeps those
+            for kernel in self.children():
+                if hasattr(kernel, "psi_v2l") or hasattr(kernel, "psi"):   # a LatentGNNKernel
+                    outs.append(kernel(v2l, l2v))
+        else:
+            outs = [getattr(self, f"LatentGNN_Kernel_{i}")(v2l, l2v) for i in range(len(self.latent_dims))]
         y = self.up_channel(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
         return x + self.gamma * y

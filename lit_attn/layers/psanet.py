@@ -10,7 +10,8 @@ mmsegmentation's `PSAHead` with mmcv's compiled `PSAMask` op (`mmcv/ops/psa_mask
   position down / right than up / left);
 - `point_wise_logits` crops, for each i, the H x W window of its mask centred at i: G[i, j] = mask_i[j - i],
   and 0 where j - i falls outside the mask (maps larger than the mask window). Built with one
-  advanced-indexing gather from index tensors of O(N (H + W)) cached per (H, W, mask, device);
+  advanced-indexing gather from index tensors of O(N (H + W)) cached per (H, W, mask, device) (built per
+  call under TorchScript, which compiles no Python cache);
 - mmcv's `PSAMask("distribute")` output is G itself and `PSAMask("collect")` its transpose, both laid out
   (B, N, H, W) with `psa_type`'s softmax over dim 1 (`psa_mask` returns them for comparison / reuse).
 """
@@ -39,7 +40,8 @@ def _pair(name: str, v) -> tuple[int, int]:
     return t
 
 
-def _build_index(h: int, w: int, mask_h: int, mask_w: int, device, traced: bool = False) -> tuple:
+def _build_index(h: int, w: int, mask_h: int, mask_w: int, device: torch.device, traced: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     half_h, half_w = (mask_h - 1) // 2, (mask_w - 1) // 2
     ar_h, ar_w = torch.arange(h, device=device), torch.arange(w, device=device)
     pix = torch.arange(h * w, device=device)
@@ -69,18 +71,30 @@ def point_wise_logits(mask: Tensor, mask_size) -> Tensor:
     is used: softmax over j gives "collect" (i gathers), softmax over i gives "distribute" (j receives).
     """
     mask_h, mask_w = _pair("point_wise_logits: mask_size", mask_size)
-    b, k, h, w = mask.shape
-    if k != mask_h * mask_w:
-        raise ValueError(f"point_wise_logits: the mask needs mask_h * mask_w = {mask_h * mask_w} channels, got {k}")
-    traced = tracing()   # graph capture: no branch on the (traced / symbolic) size, no in-place write
-    if traced:
-        rows, cols, pix, row_out, col_out = _build_index(h, w, mask_h, mask_w, mask.device, traced=True)
+    if mask.shape[1] != mask_h * mask_w:
+        raise ValueError(f"point_wise_logits: the mask needs mask_h * mask_w = {mask_h * mask_w} channels, "
+                         f"got {mask.shape[1]}")
+    return _window_logits(mask, mask_h, mask_w)
+
+
+def _window_logits(mask: Tensor, mask_h: int, mask_w: int) -> Tensor:
+    """`point_wise_logits` for a checked mask (mask_h * mask_w channels), as the blocks call it."""
+    b, _, h, w = mask.shape
+    if torch.jit.is_scripting():  # no cache (a Python lru_cache) under TorchScript: the indices per call
+        traced = False
+        rows, cols, pix, row_out, col_out = _build_index(h, w, mask_h, mask_w, mask.device)
     else:
-        rows, cols, pix, row_out, col_out = _cached_index(h, w, mask_h, mask_w, mask.device)
+        traced = tracing()   # graph capture: no branch on the (traced / symbolic) size, no in-place write
+        if traced:
+            rows, cols, pix, row_out, col_out = _build_index(h, w, mask_h, mask_w, mask.device, traced=True)
+        else:
+            rows, cols, pix, row_out, col_out = _cached_index(h, w, mask_h, mask_w, mask.device)
     logits = mask.reshape(b, mask_h, mask_w, h * w)[:, rows, cols, pix]   # (B, N, H, W): window crop per pixel
-    for out in (row_out, col_out):
-        if out is not None:   # the gather's backward needs no values, so in place is safe (eager)
-            logits = logits.masked_fill(out, 0) if traced else logits.masked_fill_(out, 0)
+    # out-of-window offsets -> 0; the gather's backward needs no values, so in place is safe (eager)
+    if row_out is not None:
+        logits = logits.masked_fill(row_out, 0) if traced else logits.masked_fill_(row_out, 0)
+    if col_out is not None:
+        logits = logits.masked_fill(col_out, 0) if traced else logits.masked_fill_(col_out, 0)
     return logits.reshape(b, h * w, h * w)
 
 
@@ -132,22 +146,23 @@ class PointwiseSpatialContext:
     def shrunk_size(self, h: int, w: int) -> tuple[int, int, bool]:
         return shrunk_size(h, w, self.shrink_factor)
 
-    def branches(self) -> list[tuple[nn.Module, nn.Module, str]]:
-        """(reduce, attention, PSAMask type) per branch: collect (+ distribute for "bi-direction")."""
-        if self.psa_type == "bi-direction":
-            return [(self.reduce, self.attention, "collect"), (self.reduce_p, self.attention_p, "distribute")]
-        return [(self.reduce, self.attention, self.psa_type)]
-
     def attend(self, feats: Tensor, mask: Tensor, psa_type: str) -> Tensor:
         """Aggregate shrunk features (B, C', H', W') with the point-wise masks (B, mask_h*mask_w, H', W')."""
         b, c, h, w = feats.shape
-        attn = point_wise_logits(mask, self.mask_size)        # (B, N', N'), row i = pixel whose mask is used
+        # (B, N', N'), row i = pixel whose mask is used
+        attn = _window_logits(mask, self.mask_size[0], self.mask_size[1])
         collect = psa_type == "collect"
         if self.psa_softmax:
             attn = attn.softmax(-1 if collect else 1)
         v = feats.reshape(b, c, h * w)
         out = torch.bmm(v, attn.transpose(1, 2) if collect else attn) # collect: out_i = sum_j A_ij v_j
         return out.reshape(b, c, h, w) * (1.0 / self.normalization_factor)
+
+    def _resize(self, t: Tensor, size: list[int], align: bool, traced: bool) -> Tensor:
+        if not torch.jit.is_scripting():
+            if traced:
+                return resize_bilinear(t, size, align)
+        return F.interpolate(t, size=size, mode="bilinear", align_corners=align)
 
     def context(self, x: Tensor) -> Tensor:
         """proj(concat of the branches' aggregated features), resized back to x's H, W.
@@ -156,28 +171,29 @@ class PointwiseSpatialContext:
         traced or symbolic: the shrink rule is computed without a branch (`export_shrunk_size`) and both resizes
         are interpolation matrices (`lit_attn.ops.pooling.resize_bilinear`, same weights as F.interpolate), so
         the exported graph follows the rule at every input size (a Python branch on the parity would be frozen
-        at the export size's, or become a guard that torch.onnx's dynamo exporter can drop)."""
+        at the export size's, or become a guard that torch.onnx's dynamo exporter can drop). The branches are
+        spelled out (`reduce`/`attention`, then `reduce_p`/`attention_p` where present), as TorchScript wants."""
         h, w = x.shape[-2], x.shape[-1]
-        traced = exporting()
-        if traced:
-            hs, ws, align = export_shrunk_size(h, w, self.shrink_factor)
-        else:
+        if torch.jit.is_scripting():
+            traced = False
             hs, ws, align = self.shrunk_size(h, w)
-
-        def resize(t: Tensor, size) -> Tensor:
-            if traced:
-                return resize_bilinear(t, size, align)
-            return F.interpolate(t, size=size, mode="bilinear", align_corners=align)
-
-        outs = []
-        for reduce, attention, psa_type in self.branches():
-            feats = reduce(x)
-            if traced or (hs, ws) != (h, w):
-                feats = resize(feats, (hs, ws))
-            outs.append(self.attend(feats, attention(feats), psa_type))
-        out = self.proj(torch.cat(outs, 1) if len(outs) > 1 else outs[0])
-        if traced or out.shape[-2:] != (h, w):
-            out = resize(out, (h, w))
+        else:
+            traced = exporting()
+            hs, ws, align = export_shrunk_size(h, w, self.shrink_factor) if traced else self.shrunk_size(h, w)
+        shrink = traced or hs != h or ws != w
+        feats = self.reduce(x)
+        if shrink:
+            feats = self._resize(feats, [hs, ws], align, traced)
+        first = "collect" if self.psa_type == "bi-direction" else self.psa_type
+        out = self.attend(feats, self.attention(feats), first)
+        if hasattr(self, "reduce_p"):   # "bi-direction" (`hasattr` is resolved when TorchScript compiles)
+            feats = self.reduce_p(x)
+            if shrink:
+                feats = self._resize(feats, [hs, ws], align, traced)
+            out = torch.cat([out, self.attend(feats, self.attention_p(feats), "distribute")], 1)
+        out = self.proj(out)
+        if traced or out.shape[-2] != h or out.shape[-1] != w:
+            out = self._resize(out, [h, w], align, traced)
         return out
 
 
@@ -268,4 +284,6 @@ class PointwiseSpatialAttention(TimmInitHooks, PointwiseSpatialContext, nn.Modul
         out = self.bottleneck(torch.cat([x, out.to(x.dtype)], 1))
         # timm adds the shortcut into the block's output in place; ReLU saves its output for the backward,
         # clamp_min (the same function) its input
+        if torch.jit.is_scripting():
+            return self.act(out)
         return out.clamp_min(0) if type(self.act) is nn.ReLU else self.act(out)

@@ -131,21 +131,31 @@ class AttentionModule(TimmInitHooks, nn.Module):
         self.gate = create_act_layer(gate_layer)
         self.final = units(p)
 
-    def _upsample(self, x: Tensor, size) -> Tensor:
+    def _upsample(self, x: Tensor, size: list[int]) -> Tensor:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
     def mask_logits(self, s: Tensor) -> Tensor:
         """Soft-mask branch before the gate, from the shared units' output `s`: (B, C, H, W)."""
         size = s.shape[-2:]
         x = s
-        skips = []
+        skips: list[Tensor] = []
         for i, down in enumerate(self.down):
             x = down(self.pool(x))
             if i < len(self.skips):
-                skips.append(self.skips[i](x))
-        for i in range(len(self.up) - 1, -1, -1):
+                if torch.jit.is_scripting():  # TorchScript indexes a ModuleList by literals only: find skips[i]
+                    for j, skip in enumerate(self.skips):
+                        if j == i:
+                            skips.append(skip(x))
+                else:
+                    skips.append(self.skips[i](x))
+        for i in range(len(self.up) - 1, -1, -1):   # top-down: the lowest level first
             x = self._upsample(x, skips[i].shape[-2:]) + skips[i]
-            x = self.up[i](x)
+            if torch.jit.is_scripting():
+                for j, up in enumerate(self.up):
+                    if j == i:
+                        x = up(x)
+            else:
+                x = self.up[i](x)
         return self.mask_head(self._upsample(x, size))
 
     def mask(self, s: Tensor) -> Tensor:
