@@ -64,3 +64,23 @@ def slow_unless(names, default) -> list:
     """`names` as parametrize values: those in `default` always run, the others are marked slow (run with --runslow
     or LIT_ATTN_RUN_SLOW=1, see conftest.py)."""
     return [n if n in default else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every tensor informative, in place: conv weights N(0, 2 / fan_in), conv biases N(0, 0.1^2), BN / LN affine
+    and BN running statistics random (eval-mode BN is not the identity). Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            elif isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model

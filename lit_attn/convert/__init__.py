@@ -49,10 +49,7 @@ task's state-dict check names any difference). The model expects mmseg's input n
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +67,7 @@ from .errors import (
 )
 from .loading import MMSegCheckpoint, load_mmseg_checkpoint, read_checkpoint
 from .mmseg import ARCH_ALIASES, DNL_FORMS, MMSEG_HEADS, ConversionPlan, build_plan, map_state_dict, stem_kind
+from .output import check_out_dir, save_folder, save_lightning
 
 __all__ = ["ARCH_ALIASES", "DNL_FORMS", "MMSEG_HEADS", "Conversion", "ConversionPlan", "ConvertError",
            "CorruptCheckpointError", "KeyMappingError", "MMSegCheckpoint", "NotMMSegCheckpointError",
@@ -107,7 +105,7 @@ def convert_mmseg_checkpoint(checkpoint: str | os.PathLike | Mapping, out_dir: s
     import lit_attn  # noqa: F401  (registers the architectures in smp)
 
     if out_dir is not None:
-        _check_out_dir(Path(out_dir), overwrite)
+        check_out_dir(Path(out_dir), overwrite)
     if lightning_ckpt is not None and Path(lightning_ckpt).exists() and not overwrite:
         raise ConvertError(f"{lightning_ckpt}: exists; choose another file or pass --overwrite")
     ckpt = checkpoint if isinstance(checkpoint, MMSegCheckpoint) else load_mmseg_checkpoint(checkpoint)
@@ -121,9 +119,9 @@ def convert_mmseg_checkpoint(checkpoint: str | os.PathLike | Mapping, out_dir: s
     model.eval()
     conv = Conversion(model, plan, notes, None, len(state))
     if out_dir is not None:
-        conv.out_dir = _save(conv, ckpt, Path(out_dir), overwrite)
+        conv.out_dir = save_folder(model, _report(conv, ckpt), REPORT_NAME, Path(out_dir), overwrite)
     if lightning_ckpt is not None:
-        _save_lightning(conv, ckpt, Path(lightning_ckpt))
+        save_lightning(model, _report(conv, ckpt), Path(lightning_ckpt))
     return conv
 
 
@@ -165,54 +163,3 @@ def _report(conv: Conversion, ckpt: MMSegCheckpoint) -> dict[str, Any]:
             "class_names": _class_names(ckpt.meta)}
 
 
-def _save_lightning(conv: Conversion, ckpt: MMSegCheckpoint, path: Path) -> None:
-    """`{"state_dict": {"model.<key>": ...}, "pytorch-lightning_version": ...}`: what `Trainer.test(ckpt_path=...)`
-    restores into a SegmentationTask (written to a temporary file, then renamed)."""
-    from importlib.metadata import version
-
-    payload = {"state_dict": {f"model.{k}": v for k, v in conv.model.state_dict().items()},
-               "pytorch-lightning_version": version("lightning"),
-               "lit_attn_conversion": json.loads(json.dumps(_report(conv, ckpt), default=str))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.converting-{uuid.uuid4().hex[:8]}"
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConvertError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConvertError(f"{out}: folder exists and is not empty; choose another or pass --overwrite")
-
-
-def _save(conv: Conversion, ckpt: MMSegCheckpoint, out: Path, overwrite: bool) -> Path:
-    """save_pretrained into a temporary sibling folder, check that it reloads to the same tensors, then move it to
-    `out` (an interrupted conversion leaves no half-written folder)."""
-    import segmentation_models_pytorch as smp
-
-    _check_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.converting-{uuid.uuid4().hex[:8]}"
-    try:
-        conv.model.save_pretrained(tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(_report(conv, ckpt), indent=2, default=str) + "\n")
-        reloaded = smp.from_pretrained(str(tmp))
-        mine, theirs = conv.model.state_dict(), reloaded.state_dict()
-        if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
-            raise ConvertError(f"{out}: the saved folder does not reload to the converted weights")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out

@@ -1,4 +1,4 @@
-"""`lit-attn convert mmseg CKPT OUT_DIR [...]`: the converter's command line (dispatched by `lit_attn.cli.main`
+"""`lit-attn convert mmseg|psa CKPT OUT_DIR [...]`: the converter's command line (dispatched by `lit_attn.cli.main`
 before LightningCLI). Expected failures print one message, without a traceback, and exit non-zero (2 corrupt
 file, 3 not an mmseg checkpoint, 4 unsupported model, 5 key mapping, 1 other)."""
 from __future__ import annotations
@@ -56,12 +56,63 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write the weights as a Lightning checkpoint of SegmentationTask, for lit-attn "
                         "test|validate|predict --config <recipe with the same widths> --ckpt_path FILE")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (and --lightning-ckpt)")
+    q = sub.add_parser("psa", aliases=["nvidia"], epilog=_EPILOG.replace("mmseg_conversion", "psa_conversion")
+                       .replace("mmseg's", "NVIDIA's"), formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="a DeLightCMU/PSA or NVIDIA semantic-segmentation OCRNet / MscaleOCR checkpoint",
+                       description="Convert an NVIDIA semantic-segmentation checkpoint (OCRNet = HRNet-OCR, "
+                                   "MscaleOCR; DeLightCMU/PSA's HRNetV2-OCR + PSA_p / PSA_s included) into lit_attn's "
+                                   "hrnet_ocr / mscale_ocr on the matching timm HRNet encoder.")
+    q.add_argument("checkpoint", metavar="CKPT", help="the .pth file (train.py's snapshot or a bare state dict)")
+    q.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (must not exist or be empty)")
+    q.add_argument("--arch", choices=("hrnet_ocr", "mscale_ocr"), help="confirm the architecture (detected from "
+                   "the keys: scale_attn.* is mscale_ocr); a mismatch is an error")
+    q.add_argument("--inference-scales", type=_scales, default=(0.5, 1.0, 2.0), metavar="S,S,...",
+                   help="mscale_ocr's evaluation scales, 1.0 among them (default 0.5,1.0,2.0, NVIDIA's Cityscapes "
+                        "evaluation); 'none': the two-scale training output")
+    q.add_argument("--flip", action="store_true", help="mscale_ocr: average with the flipped image (NVIDIA's "
+                   "--do_flip; off in its evaluation scripts)")
+    q.add_argument("--lightning-ckpt", default=None, metavar="FILE", help="also write the weights as a Lightning "
+                   "checkpoint of SegmentationTask, for lit-attn test|validate|predict --ckpt_path FILE")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (and --lightning-ckpt)")
     return parser
+
+
+def _scales(text: str) -> tuple[float, ...] | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated numbers expected, e.g. 0.5,1.0,2.0, got {text!r}") from None
+
+
+def _convert_psa(args: argparse.Namespace) -> int:
+    from .nvidia import convert_psa
+
+    try:
+        conv = convert_psa(args.checkpoint, args.out_dir, arch=args.arch, inference_scales=args.inference_scales,
+                           inference_flip=args.flip, overwrite=args.overwrite, lightning_ckpt=args.lightning_ckpt)
+    except ConvertError as e:
+        message = str(e) if args.checkpoint in str(e) else f"{args.checkpoint}: {e}"
+        print(f"lit-attn convert: error ({e.kind}): {message}", file=sys.stderr)
+        return e.exit_code
+    print(f"{args.checkpoint}: {conv.arch}, {conv.num_tensors} tensors loaded strictly")
+    for key, note in conv.settings.items():
+        print(f"  {key}: {note}")
+    for note in conv.notes:
+        print(f"  note: {note}")
+    print(f"wrote {conv.out_dir} (load: import lit_attn, segmentation_models_pytorch as smp; "
+          f"smp.from_pretrained({str(conv.out_dir)!r}))")
+    if args.lightning_ckpt:
+        print(f"wrote {args.lightning_ckpt} (lit-attn test --config <recipe> --ckpt_path {args.lightning_ckpt})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `lit-attn convert ...` with `argv` (without the leading "convert"); returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.source in ("psa", "nvidia"):
+        return _convert_psa(args)
     from . import convert_mmseg_checkpoint
 
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["ConvertError", "CorruptCheckpointError", "KeyMappingError", "NotMMSegCheckpointError",
-           "UnsupportedModelError"]
+           "NotPSACheckpointError", "UnsupportedModelError"]
 
 
 class ConvertError(Exception):
@@ -25,6 +25,14 @@ class NotMMSegCheckpointError(ConvertError):
     a pickle of arbitrary Python objects, ...)."""
 
     kind = "not-mmseg"
+    exit_code = 3
+
+
+class NotPSACheckpointError(ConvertError):
+    """A readable checkpoint that is not an NVIDIA semantic-segmentation / DeLightCMU PSA OCRNet or MscaleOCR one
+    (no `backbone.*` + `ocr.*` state dict, or arbitrary pickled Python objects)."""
+
+    kind = "not-psa"
     exit_code = 3
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptCheckpointError, NotMMSegCheckpointError
+from .errors import ConvertError, CorruptCheckpointError, NotMMSegCheckpointError, NotPSACheckpointError
 
 __all__ = ["MMSegCheckpoint", "Opaque", "load_mmseg_checkpoint", "read_checkpoint"]
 
@@ -71,7 +71,12 @@ def _allow(name: str):
     return _HARMLESS[name] if name in _HARMLESS else (_opaque(name), name)
 
 
-def _refuse(path: str, names: list[str]) -> NotMMSegCheckpointError:
+def _refuse(path: str, names: list[str], source: str) -> ConvertError:
+    if source == "psa":
+        return NotPSACheckpointError(
+            f"{path}: not an NVIDIA semantic-segmentation / PSA checkpoint: it pickles Python objects of "
+            f"{', '.join(sorted(names))}, which those checkpoints do not hold (tensors, dicts, strings and numbers, "
+            f"numpy values in their metadata). Refusing to unpickle them (torch.load weights_only=True).")
     return NotMMSegCheckpointError(
         f"{path}: not an mmseg checkpoint: it pickles Python objects of {', '.join(sorted(names))}, which an "
         f"mmsegmentation checkpoint does not hold (only tensors, dicts, strings and numbers, plus numpy / mmengine "
@@ -86,9 +91,10 @@ def _corrupt(path: str, err: BaseException) -> CorruptCheckpointError:
                                   f"torch.save file; {detail})")
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
+def read_checkpoint(path: str | os.PathLike, source: str = "mmseg") -> Any:
     """`torch.load(path, weights_only=True)` with numpy / mmengine metadata objects read as `Opaque`; errors as
-    `CorruptCheckpointError` (unreadable file) or `NotMMSegCheckpointError` (other Python objects)."""
+    `CorruptCheckpointError` (unreadable file) or, for other Python objects, `NotMMSegCheckpointError` (`source`
+    "mmseg") / `NotPSACheckpointError` ("psa")."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CorruptCheckpointError(f"{path}: no such checkpoint file")
@@ -101,7 +107,7 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     for _ in range(64):  # legacy (non-zip) files: learn the needed globals from the refusals, one at a time
         foreign = [n for n in needed if not _is_metadata_global(n)]
         if foreign:
-            raise _refuse(path, foreign)
+            raise _refuse(path, foreign, source)
         try:
             with torch.serialization.safe_globals([_allow(n) for n in needed]):
                 return torch.load(path, map_location="cpu", weights_only=True)

@@ -308,8 +308,11 @@ CLASSES: dict[str, type[AttnSegmentationModel]] = {arch: globals()[ARCHITECTURES
 
 def install() -> None:
     """Register the architectures in smp (`smp.create_model(name)`, `smp.<Class>` for `smp.from_pretrained`)
-    and route smp's decoder attention names to lit_attn. Idempotent; refuses to shadow smp's own names."""
-    for arch, cls in CLASSES.items():
+    and route smp's decoder attention names to lit_attn. Idempotent; refuses to shadow smp's own names. NVIDIA's
+    HRNet-OCR / MscaleOCR ("hrnet_ocr", "mscale_ocr") come from `lit_attn.integrations.smp_ocr`."""
+    from .smp_ocr import OCR_CLASSES
+
+    for arch, cls in {**CLASSES, **OCR_CLASSES}.items():
         existing = getattr(smp, cls.__name__, None)
         if existing is not None and existing is not cls:
             raise RuntimeError(f"segmentation_models_pytorch already defines {cls.__name__}; lit_attn will not "
