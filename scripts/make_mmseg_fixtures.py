@@ -17,6 +17,11 @@ What it writes (``tests/fixtures/mmseg/`` by default; see the README written the
 * ``dnl_v0.pth`` / ``dnl_v0_io.pt``: the DNL model in mmseg **0.x** checkpoint layout
                     (``meta`` with ``mmseg_version``, ``config``, ``CLASSES``, ``PALETTE``),
                     config text from mmseg 0.30.0's own config files.
+* ``ocrnet_hr.pth`` / ``ocrnet_hr_io.pt`` / ``ocrnet_hr_v0_meta.json`` / ``ocrnet_hr_zoo_keys.json.gz``:
+                    mmseg's HRNet OCRNet (CascadeEncoderDecoder) on timm's hrnet_w18_small layout, state
+                    dict in float16, outputs at a size divisible by 32 and at an odd size (with and
+                    without mmseg's two-step fuse), the 0.x meta of the same model, and the key shapes
+                    of the full-size zoo models (``make_hrnet``; see the README).
 * ``README.md``     regenerated from the ``*_io.pt`` files present.
 
 Scratch environment (measured on a 2-core machine; about 40 s of installs, no compilation)::
@@ -151,7 +156,7 @@ HEADS = OrderedDict([
              dict(in_channels=[C3, C4], channels=32, project_channels=16))),
 ])
 AUX_OVERRIDES = dict(in_channels=C3, channels=16)
-ALL_NAMES = list(HEADS) + ['dnl_v0']
+ALL_NAMES = list(HEADS) + ['dnl_v0', 'ocrnet_hr']
 
 # Modules whose removal shows that the attention/context path reaches the logits:
 # (module path, mode, input index): 'identity' returns the module's input number
@@ -172,6 +177,7 @@ ABLATIONS = {
     'apcnet': [('decode_head.acm_modules.0', 'zero', 0), ('decode_head.acm_modules.1', 'zero', 0),
                ('decode_head.acm_modules.2', 'zero', 0), ('decode_head.acm_modules.3', 'zero', 0)],
     'ann': [('decode_head.fusion', 'identity', 1), ('decode_head.context', 'identity', 0)],
+    'ocrnet_hr': [('decode_head.1.object_context_block', 'identity', 0)],
 }
 
 
@@ -622,7 +628,7 @@ def checkpoint_1x(model, cfg, stem, fixture_note):
     }
 
 
-def checkpoint_0x(model, cfg, fixture_note):
+def checkpoint_0x(model, cfg, fixture_note, exp='dnl_r50-d8_512x1024_80k_cityscapes'):
     """What mmseg 0.30 tools/train.py + mmcv 1.x IterBasedRunner.save_checkpoint write,
     after tools/publish_model.py (optimizer deleted). The versions and times are those a
     0.30 run would write; no mmseg 0.x / mmcv-full 1.x runtime was involved."""
@@ -632,12 +638,12 @@ def checkpoint_0x(model, cfg, fixture_note):
         env_info='(synthetic fixture: written by scripts/make_mmseg_fixtures.py from mmseg '
                  '1.2.2 modules; mmseg 0.x layout)',
         seed=0,
-        exp_name='dnl_r50-d8_512x1024_80k_cityscapes.py',
+        exp_name=f'{exp}.py',
         mmseg_version='0.30.0',
         config=text,
         CLASSES=classes,
         PALETTE=palette,
-        hook_msgs=dict(last_ckpt='./work_dirs/dnl_r50-d8_512x1024_80k_cityscapes/iter_80000.pth'),
+        hook_msgs=dict(last_ckpt=f'./work_dirs/{exp}/iter_80000.pth'),
         epoch=1,
         iter=80000,
         mmcv_version='1.7.1',
@@ -672,6 +678,8 @@ def verify_roundtrip(ckpt, x, logits):
 # ----------------------------------------------------------------------------------
 
 def make_one(name, out_dir: Path, mmseg0_src: Path, psamask_checks):
+    if name == 'ocrnet_hr':
+        return make_hrnet(out_dir, mmseg0_src)
     import mmcv
     import mmengine
     import mmseg
@@ -785,6 +793,197 @@ def make_one(name, out_dir: Path, mmseg0_src: Path, psamask_checks):
     summary['file_sizes'] = sizes
     io['config'] = plain(summary)
     torch.save(io, out_dir / f'{name}_io.pt')  # again, with the sizes in the summary
+    return summary
+
+
+# ----------------------------------------------------------------------------------
+# HRNet OCRNet (`ocrnet_hr`): mmseg's CascadeEncoderDecoder on its HRNet backbone
+# ----------------------------------------------------------------------------------
+
+# mmseg's hr18s config (= timm's hrnet_w18_small_v2 layout), with the backbone set to timm's
+# smallest HRNet, hrnet_w18_small (1.48 M trunk parameters): the converter needs a trunk timm
+# registers, and every timm HRNet has its widths fixed by name.
+HRNET_CFG = 'ocrnet/ocrnet_hr18s_4xb2-80k_cityscapes-512x1024.py'
+HRNET_CFG_V0 = 'ocrnet/ocrnet_hr18s_512x1024_80k_cityscapes.py'
+HRNET_EXTRA = dict(
+    stage1=dict(num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(1, ), num_channels=(32, )),
+    stage2=dict(num_modules=1, num_branches=2, block='BASIC', num_blocks=(2, 2), num_channels=(16, 32)),
+    stage3=dict(num_modules=1, num_branches=3, block='BASIC', num_blocks=(2, 2, 2), num_channels=(16, 32, 64)),
+    stage4=dict(num_modules=1, num_branches=4, block='BASIC', num_blocks=(2, 2, 2, 2),
+                num_channels=(16, 32, 64, 128)))
+HRNET_BRANCHES = [16, 32, 64, 128]
+# stage 1 FCNHead: channels = sum of the branches (as the zoo's sum([18, 36, 72, 144])); OCRHead
+# 512 / 256 (zoo) -> 16 / 8
+HRNET_HEADS = [dict(in_channels=HRNET_BRANCHES, channels=sum(HRNET_BRANCHES)),
+               dict(in_channels=HRNET_BRANCHES, channels=16, ocr_channels=8)]
+HRNET_INPUT_HW = (64, 96)  # divisible by 32: every branch exactly halves (see the README)
+HRNET_ODD_HW = (33, 49)    # branches 9x13, 5x7, 3x4, 2x2: mmseg's two-step fuse differs
+# full-size zoo configs whose state-dict keys and shapes are recorded (built on the meta device)
+HRNET_ZOO = OrderedDict([
+    ('hr18s', 'ocrnet/ocrnet_hr18s_4xb2-80k_cityscapes-512x1024.py'),
+    ('hr18', 'ocrnet/ocrnet_hr18_4xb2-80k_cityscapes-512x1024.py'),
+    ('hr48', 'ocrnet/ocrnet_hr48_4xb2-80k_cityscapes-512x1024.py'),
+    ('hr48_ade20k', 'ocrnet/ocrnet_hr48_4xb4-80k_ade20k-512x512.py'),
+])
+
+
+def build_cfg_hrnet(v0_src: Path | None = None):
+    """(config, experiment stem) of the HRNet OCRNet fixture: mmseg 1.2.2's zoo config, or with
+    `v0_src` mmseg 0.30.0's, with the backbone / head widths above, 5 classes and BN."""
+    import mmseg
+    from mmengine.config import Config
+    rel = HRNET_CFG if v0_src is None else HRNET_CFG_V0
+    root = Path(mmseg.__file__).parent if v0_src is None else v0_src / 'mmseg'
+    path = root / '.mim' / 'configs' / rel
+    if not path.exists():
+        raise SystemExit(f'{path} not found (see the module docstring for the 0.30.0 sdist)')
+    cfg = Config.fromfile(str(path))
+    cfg.model.backbone.extra = copy.deepcopy(HRNET_EXTRA)
+    for head, over in zip(cfg.model.decode_head, HRNET_HEADS, strict=True):
+        head.update(copy.deepcopy(over))
+        head.num_classes = NUM_CLASSES
+    _to_bn(cfg._cfg_dict)
+    classes, palette = class_subset()
+    stem = Path(rel).stem
+    cfg.work_dir = f'./work_dirs/{stem}'
+    if v0_src is None:
+        for k in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+            cfg[k].dataset.metainfo = dict(classes=classes, palette=palette)
+        cfg.launcher = 'none'
+    else:  # as build_cfg_v0: what 0.30 tools/train.py adds
+        for k in ('train', 'val', 'test'):
+            cfg.data[k].classes = classes
+            cfg.data[k].palette = palette
+        cfg.gpu_ids = [0]
+        cfg.auto_resume = False
+        cfg.device = 'cuda'
+        cfg.seed = 0
+        cfg.model.backbone.pretrained = cfg.model.pretrained
+    return cfg, stem
+
+
+def one_step_fuse_(model):
+    """mmseg's HRModule fuse with its `Upsample` (bilinear x2^k) replaced by nn.Identity: the
+    branch is then resized once, bilinearly to the target size (the official HRNetV2 fuse, and
+    timm + lit_attn's use_official_fuse). Returns the number of Upsample modules replaced."""
+    from mmseg.models.utils import Upsample
+    n = 0
+    for mod in model.modules():
+        if type(mod).__name__ == 'HRModule' and mod.fuse_layers is not None:
+            for outer in mod.fuse_layers:
+                for f in outer:
+                    if isinstance(f, nn.Sequential) and isinstance(f[-1], Upsample):
+                        f[-1] = nn.Identity()
+                        n += 1
+    return n
+
+
+def zoo_key_shapes():
+    """{tag: {config, keys: {key: shape}}} of the full-size zoo models (19 / 150 classes)."""
+    import mmseg
+    from mmengine.config import Config
+    from mmseg.registry import MODELS
+    out = OrderedDict()
+    for tag, rel in HRNET_ZOO.items():
+        cfg = Config.fromfile(str(Path(mmseg.__file__).parent / '.mim' / 'configs' / rel))
+        _to_bn(cfg._cfg_dict)
+        with torch.device('meta'):
+            model = MODELS.build(copy.deepcopy(cfg.model))
+        out[tag] = dict(config=f'mmseg 1.2.2 configs/{rel}',
+                        keys={k: list(v.shape) for k, v in model.state_dict().items()})
+    return out
+
+
+def make_hrnet(out_dir: Path, mmseg0_src: Path):
+    import gzip
+
+    import mmcv
+    import mmengine
+    import mmseg
+    name = 'ocrnet_hr'
+    torch.manual_seed(0)
+    cfg, stem = build_cfg_hrnet()
+    model = build_model(cfg)
+    counts = randomise_(model, head_seed(name))
+    with torch.no_grad():  # fp16-representable values, so the checkpoint can be stored in float16
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    model.eval()
+    subs = ['SyncBN -> BN (eval mode)', 'backbone extra = timm hrnet_w18_small layout; head widths '
+            'reduced; num_classes 5 (see widths)', 'all float params and BN stats re-randomised '
+            '(seeded), rounded to float16 and stored as float16 (mmseg runs them in float32)']
+
+    x = input_tensor(HRNET_INPUT_HW, INPUT_SEED)
+    logits, decode_out, aux_out, feats, _ = run_model(model, x)
+    m64 = copy.deepcopy(model).double()
+    logits64, decode64, aux64, _, _ = run_model(m64, x.double())
+    f32_vs_f64 = float((logits.double() - logits64).abs().max())
+    xo = input_tensor(HRNET_ODD_HW, INPUT_SEED + 2)
+    logits_odd, decode_odd, aux_odd, feats_odd, _ = run_model(model, xo)
+    abl = ablate(model, x, ABLATIONS[name])
+
+    one = copy.deepcopy(model)
+    n_up = one_step_fuse_(one)
+    logits_one, _, _, _, _ = run_model(one, x)
+    assert torch.equal(logits_one, logits), 'two-step and one-step fuse differ at a size divisible by 32'
+    logits_odd_one, decode_odd_one, aux_odd_one, _, _ = run_model(one, xo)
+    fuse_diff = float((logits_odd_one - logits_odd).abs().max())
+
+    widths = dict(backbone_extra=plain(HRNET_EXTRA), branches=HRNET_BRANCHES, num_classes=NUM_CLASSES,
+                  timm_trunk='hrnet_w18_small',
+                  decode_head=[{k: (list(v) if isinstance(v, tuple) else v) for k, v in h.items()
+                                if k not in ('loss_decode', 'norm_cfg')} for h in cfg.model.decode_head])
+    summary = dict(
+        name=name, mmseg_config=f'mmseg 1.2.2 configs/{HRNET_CFG}', segmentor=cfg.model.type,
+        checkpoint_layout='mmseg 1.x (mmengine Runner), state dict in float16',
+        versions=dict(mmseg=mmseg.__version__, mmcv=mmcv.__version__, mmengine=mmengine.__version__,
+                      torch=torch.__version__),
+        widths=widths, input_hw=list(HRNET_INPUT_HW), input_seed=INPUT_SEED,
+        odd_input_hw=list(HRNET_ODD_HW), odd_input_seed=INPUT_SEED + 2, weight_seed=head_seed(name),
+        input_note='N(0,1) tensor given directly to encode_decode (already normalised)',
+        feature_hw=[list(f.shape[2:]) for f in feats], odd_feature_hw=[list(f.shape[2:]) for f in feats_odd],
+        align_corners=bool(cfg.model.decode_head[-1].align_corners), randomised=counts, ablation=abl,
+        f32_vs_f64_logits_max_abs=f32_vs_f64, logits_std=float(logits.std()),
+        decode_out_std=float(decode_out.std()), substitutions=subs,
+        fuse=dict(upsample_modules=n_up, divisible_size='one-step fuse logits bit-identical (asserted)',
+                  odd_size_logits_max_abs_two_step_vs_one_step=fuse_diff,
+                  odd_size_logits_std=float(logits_odd.std())))
+    fixture_note = plain(dict(generator='scripts/make_mmseg_fixtures.py', name=name,
+                              weight_seed=head_seed(name), substitutions=subs, widths=widths))
+    half = OrderedDict((k, v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items())
+    ckpt = checkpoint_1x(model, cfg, stem, fixture_note)
+    ckpt['state_dict'] = half
+    summary['state_dict_keys'] = len(half)
+    summary['key_structure'] = {k: v for k, v in key_structure(half).items() if not k.startswith('backbone.')}
+    summary['backbone_modules'] = sorted({'.'.join(k.split('.')[:3]) for k in half if k.startswith('backbone.')})
+    summary['roundtrip'] = verify_roundtrip(ckpt, x, logits)
+
+    # mmseg 0.x layout: the same state dict with 0.30.0's meta (its own config file); only the
+    # meta is stored (the tests pair it with the 1.x file's state dict)
+    cfg0, stem0 = build_cfg_hrnet(mmseg0_src)
+    ckpt0 = checkpoint_0x(model, cfg0, fixture_note, exp=stem0)
+    ckpt0['state_dict'] = half
+    summary['roundtrip_v0'] = verify_roundtrip(ckpt0, x, logits)
+    summary['v0_config'] = f'mmseg 0.30.0 configs/{HRNET_CFG_V0}'
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    io = {'input': x, 'logits': logits, 'decode_out': decode_out, 'aux_out': aux_out,
+          'decode_out_f64': decode64, 'aux_out_f64': aux64,
+          'input_odd': xo, 'logits_odd': logits_odd, 'decode_out_odd': decode_odd, 'aux_out_odd': aux_odd,
+          'logits_odd_one_step_fuse': logits_odd_one, 'decode_out_odd_one_step_fuse': decode_odd_one,
+          'aux_out_odd_one_step_fuse': aux_odd_one}
+    files = {f'{name}.pth': ckpt, f'{name}_io.pt': io}
+    torch.save(ckpt, out_dir / f'{name}.pth')
+    (out_dir / f'{name}_v0_meta.json').write_text(json.dumps(plain(ckpt0['meta']), indent=1) + '\n')
+    with gzip.GzipFile(out_dir / f'{name}_zoo_keys.json.gz', 'wb', mtime=0) as f:
+        f.write(json.dumps(zoo_key_shapes(), separators=(',', ':')).encode())
+    io['config'] = plain(summary)
+    torch.save(io, out_dir / f'{name}_io.pt')
+    sizes = {f: (out_dir / f).stat().st_size for f in (*files, f'{name}_v0_meta.json', f'{name}_zoo_keys.json.gz')}
+    summary['file_sizes'] = sizes
+    io['config'] = plain(summary)
+    torch.save(io, out_dir / f'{name}_io.pt')
     return summary
 
 
@@ -922,6 +1121,36 @@ no mmseg 0.x or mmcv-full 1.x was run. Same weights, input and logits as `dnl`.
   eval never updates it. `ema_mid_conv` has a bias and no norm.
 - ISANet: 9x11 maps are zero-padded to 16x16 (`down_factor=(8, 8)`, pad split
   floor/ceil: top 3, bottom 4, left 2, right 3) before the two relations.
+
+## HRNet OCRNet (`ocrnet_hr`, for lit_attn's `hrnet_ocr`)
+
+mmseg's `CascadeEncoderDecoder` from the zoo config `ocrnet/ocrnet_hr18s_4xb2-80k_cityscapes-512x1024.py`
+(mmseg 1.2.2): HRNet backbone, `decode_head.0` = FCNHead (resize_concat of the four branches, 1x1 conv
+`channels = sum(in_channels)`, num_convs 1, no concat, dropout -1), `decode_head.1` = OCRHead (resize_concat,
+3x3 `bottleneck`, ObjectAttentionBlock, dropout -1). Changes, and nothing else:
+
+- backbone `extra` = timm's `hrnet_w18_small` layout (stage 1: 1 bottleneck of 32; stages 2-4: one module each,
+  2 basic blocks per branch, branches 16/32/64/128). Every timm HRNet has its widths fixed by name, and the
+  converter builds a registered timm trunk, so the smallest one is used (1.48 M trunk parameters); the zoo's
+  hr18s is timm's `hrnet_w18_small_v2`, hr18 `hrnet_w18`, hr48 `hrnet_w48` (checked by `ocrnet_hr_zoo_keys`).
+- OCRHead `channels` 16, `ocr_channels` 8 (zoo 512 / 256); FCNHead channels 240 (= 16+32+64+128); 5 classes;
+  SyncBN -> BN; weights re-drawn as above, **rounded to float16 and stored as float16** (mmseg runs them in
+  float32): `ocrnet_hr.pth` is about 3.3 MB instead of 6.6 MB.
+- Inputs: `input` `randn(1, 3, 64, 96)` (seed 20240601; branches 16x24 ... 2x3) and `input_odd`
+  `randn(1, 3, 33, 49)` (seed 20240603; branches 9x13, 5x7, 3x4, 2x2), each with `logits`, `decode_out`
+  (OCRHead), `aux_out` (stage-1 FCNHead), and `*_odd_one_step_fuse`: mmseg's model with each fuse `Upsample`
+  replaced by `nn.Identity` (so `HRModule` resizes the branch once, bilinearly to the target size: the official
+  HRNetV2 fuse that timm + `use_official_fuse` compute).
+- The fuse: mmseg's `HRModule` upsamples a lower branch with `Upsample(scale_factor=2**k, mode='bilinear')` and
+  then `resize`s it to the target branch's size. At sizes divisible by 32 the second resize is the identity and
+  the result equals the one-step fuse bit for bit (asserted by the script at 64x96); at 33x49 they differ
+  (`config['fuse']`: max abs logits difference 0.025 at logits std 0.20).
+- `ocrnet_hr_v0_meta.json`: the `meta` of the same model in mmseg 0.x layout (config text of mmseg 0.30.0's
+  `ocrnet_hr18s_512x1024_80k_cityscapes.py` with the same changes, `mmseg_version` '0.30.0', CLASSES, PALETTE);
+  the tests pair it with `ocrnet_hr.pth`'s state dict. Both layouts were rebuilt from their config text and
+  reloaded strictly by mmseg 1.2.2 (logits bit-identical).
+- `ocrnet_hr_zoo_keys.json.gz`: `{tag: {config, keys: {name: shape}}}` of the full-size zoo models hr18s, hr18,
+  hr48 (Cityscapes, 19 classes) and hr48 ADE20K (150 classes), built by mmseg on the meta device (no weights).
 
 ## Per-fixture table
 """

@@ -13,7 +13,10 @@ mmsegmentation 0.x and 1.x checkpoints (`{"meta": ..., "state_dict": ...}`, or a
 `backbone.*` / `decode_head.*` keys) of the DANet, CCNet, ISANet, EMANet, NonLocal, DNLNet, GCNet, OCRNet, PSANet,
 APCNet, ANN and FCN heads on a ResNetV1c (or ResNet) backbone become the smp architectures danet, ccnet, isanet,
 emanet, nlnet, dnlnet, gcnet, ocrnet, psanet, apcnet, ann and attnfcn (attention=None) with the smp encoder
-`tu-resnet{18,34,50,101,152}c` (timm; 18/34 with `stem_type="deep"`). What is read from where:
+`tu-resnet{18,34,50,101,152}c` (timm; 18/34 with `stem_type="deep"`), and mmseg's HRNet OCRNet (the cascade FCNHead
++ OCRHead on its HRNet backbone: `ocrnet_hr18s` / `hr18` / `hr48` configs, Cityscapes, ADE20K, VOC) becomes
+`hrnet_ocr` (NVIDIA's HRNet-OCR) on timm's plain HRNet, `tu-hrnet_w18_small_v2` / `tu-hrnet_w18` / `tu-hrnet_w48`.
+What is read from where:
 
 - architecture: the decode head's keys (`decode_head.pam.*` DANet, `cca.*` CCNet, `global_relation.*` ISANet,
   `ema_module.*` EMANet, `nl_block.*` NonLocal, `dnl_block.*` DNLNet, `gc_block.*` GCNet, `decode_head.1.
@@ -32,6 +35,17 @@ emanet, nlnet, dnlnet, gcnet, ocrnet, psanet, apcnet, ann and attnfcn (attention
   mode and temperature, PSANet's shrink factor and normalisation, ANN's key pool scales, the dropout ratio.
   Settings our models cannot reproduce (align_corners=True, a non-BN / non-ReLU head, contract_dilation=False,
   multi-grid, caffe style, a neck) are refused.
+- HRNet OCRNet: the trunk is the timm HRNet whose every key and shape the checkpoint's `backbone.*` has (mmseg's
+  HRNet keeps the official names, as timm's; the nearest trunk and the differing keys are named otherwise); in
+  channels, classes, OCR widths (`decode_head.1.bottleneck` = decoder_channels, ocr_channels = decoder_key_channels)
+  from the weights; stage 1 (`decode_head.0`, FCNHead 1x1, channels = sum of the branches) = hrnet_ocr's aux_head,
+  OCRHead's bottleneck = conv3x3_ocr, conv_seg = cls_head; their conv biases, which mmseg's ConvModules lack, are
+  set to 0 (noted). OCRHead's dropout_ratio (-1 in the zoo) becomes decoder_dropout (both a Dropout2d before the
+  classifier); a stage-1 dropout, another input_transform than resize_concat of all four branches, an OCR scale
+  != 1, an auxiliary_head or an output stride other than 32 are refused. The fuse differs: mmseg upsamples a lower
+  branch bilinearly by 2^k and then resizes it to the target size, hrnet_ocr (official HRNetV2) resizes once: the
+  same numbers when the input's sides are multiples of 32 (Cityscapes' 1024x2048 whole-image test), slightly
+  different otherwise (e.g. ADE20K's aspect-kept resizes).
 - DNLNet: the conv_out form. Every released mmseg, 0.x (0.6 ... 0.30) and 1.x, computes x + BN(conv_out(pairwise
   + unary)) ("sum"; `--dnl-form 0.x` and `1.x` name it too), so every checkpoint gets it whatever version its meta
   names (the version is reported); `--dnl-form per_term` selects x + BN(conv_out(pairwise)) + BN(conv_out(unary)), a

@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mmseg", help="an mmsegmentation 0.x / 1.x checkpoint", epilog=_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Convert an mmsegmentation checkpoint (DANet, CCNet, ISANet, EMANet, NonLocal, "
-                                   "DNLNet, GCNet, OCRNet, PSANet, APCNet, ANN or FCN head on ResNetV1c / ResNet) "
-                                   "into the matching lit_attn smp architecture.")
+                                   "DNLNet, GCNet, OCRNet, PSANet, APCNet, ANN or FCN head on ResNetV1c / ResNet, or "
+                                   "OCRNet on HRNet -> hrnet_ocr on timm's HRNet) into the matching lit_attn smp "
+                                   "architecture.")
     p.add_argument("checkpoint", metavar="CKPT", help="the mmseg .pth file")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (must not exist or be empty)")
     p.add_argument("--arch", choices=sorted({*MMSEG_HEADS, *ARCH_ALIASES}), metavar="NAME",

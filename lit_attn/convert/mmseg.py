@@ -5,6 +5,15 @@ one go through the same code), takes what the weights do not hold (output stride
 stages, ...) from the config text in the checkpoint's meta when there is one and from mmseg's defaults otherwise,
 builds the matching `smp.create_model(...)`, maps every key, loads strictly and optionally writes a
 `save_pretrained` folder. See `lit_attn/convert/__init__.py` for what converts and how.
+
+HRNet OCRNet (`_hrnet_ocr_plan`, `_hrnet_ocr_rules`): mmseg's HRNet keeps the official HRNet's names, as timm's
+does, so its backbone keys map one to one onto timm's plain HRNet (found by `nvidia.match_hrnet_trunk`: the timm
+HRNet with exactly those keys and shapes); the cascade's FCNHead is NVIDIA's aux_head and the OCRHead its
+conv3x3_ocr + OCR block + cls_head (mmseg's ObjectAttentionBlock names mapped as for the ResNet OCRNet). Two things
+have no tensor or no match in mmseg: the biases of conv3x3_ocr and of the aux_head's first conv (mmseg's ConvModules
+have none: set to 0, noted), and the fuse: mmseg upsamples a lower branch by 2^k and then resizes it to the target
+branch, hrnet_ocr resizes once (official HRNetV2); the same numbers for input sides divisible by 32, not otherwise
+(the fixture's 33x49 input: max abs logits difference 0.025 at logits std 0.2).
 """
 from __future__ import annotations
 
@@ -26,13 +35,12 @@ __all__ = ["ARCH_ALIASES", "ConversionPlan", "DNL_FORMS", "MMSEG_HEADS", "build_
 MMSEG_HEADS = {
     "danet": "DAHead", "ccnet": "CCHead", "isanet": "ISAHead", "emanet": "EMAHead", "nlnet": "NLHead",
     "dnlnet": "DNLHead", "gcnet": "GCHead", "ocrnet": "OCRHead", "psanet": "PSAHead", "apcnet": "APCHead",
-    "ann": "ANNHead", "attnfcn": "FCNHead",
+    "ann": "ANNHead", "attnfcn": "FCNHead", "hrnet_ocr": "OCRHead",
 }
-_HEAD_TO_ARCH = {v: k for k, v in MMSEG_HEADS.items()}
 # --arch also takes mmseg's method names
 ARCH_ALIASES = {"fcn": "attnfcn", "nonlocal": "nlnet", "nonlocal_net": "nlnet", "dnl": "dnlnet", "isa": "isanet",
                 "ema": "emanet", "gc": "gcnet", "ocr": "ocrnet", "psa": "psanet", "apc": "apcnet", "cc": "ccnet",
-                "da": "danet", "annnet": "ann"}
+                "da": "danet", "annnet": "ann", "ocrnet_hr": "hrnet_ocr", "ocr_hr": "hrnet_ocr"}
 # DNL: how conv_out (+BN) meets the two terms. "sum" is the code of every released mmseg (0.6 ... 0.30 and 1.x, read
 # in their sources; the dnl_v0 fixture checks 0.30's), so "0.x" and "1.x" both name it; "per_term" is the variant
 # that applies conv_out to each term
@@ -110,9 +118,24 @@ def _head_cfgs(mcfg: Mapping | None) -> tuple[Mapping | None, Mapping | None]:
     return (dec if isinstance(dec, Mapping) else None), (aux if isinstance(aux, Mapping) else None)
 
 
+def _is_hrnet(sd: Mapping[str, Any]) -> bool:
+    return _has(sd, "backbone.stage2.") or _has(sd, "backbone.transition1.")
+
+
 def detect_arch(sd: Mapping[str, torch.Tensor], mcfg: Mapping | None = None) -> tuple[str, str]:
-    """(our architecture, mmseg head class) of an mmseg state dict, from its decode_head keys; an
+    """(our architecture, mmseg head class) of an mmseg state dict, from its backbone and decode_head keys; an
     `UnsupportedModelError` naming the head for the heads lit_attn does not convert."""
+    if not _is_hrnet(sd):
+        return _detect_head(sd, mcfg)
+    if _has(sd, "decode_head.1.object_context_block.") and _has(sd, "decode_head.0."):
+        return "hrnet_ocr", "OCRHead"
+    _, head = _detect_head(sd, mcfg)  # names the head (or refuses it by name)
+    raise UnsupportedModelError(f"unsupported model: an mmseg {head} on an HRNet backbone; lit-attn converts HRNet "
+                                f"checkpoints of mmseg's OCRNet cascade (FCNHead + OCRHead, e.g. ocrnet_hr18 / hr48) "
+                                f"into hrnet_ocr")
+
+
+def _detect_head(sd: Mapping[str, torch.Tensor], mcfg: Mapping | None) -> tuple[str, str]:
     cfg_type = _type(_head_cfgs(mcfg)[0])
     if _has(sd, "decode_head.1.") and _has(sd, "decode_head.0."):
         head = "decode_head.1."
@@ -437,8 +460,10 @@ def build_plan(ckpt: MMSegCheckpoint, arch: str | None = None, dnl_form: str | N
             raise UnsupportedModelError(f"--arch {arch!r}: lit-attn converts to "
                                         f"{', '.join(MMSEG_HEADS)} (or mmseg's names {', '.join(ARCH_ALIASES)})")
         if wanted != detected:
+            hint = (" (OCRHead on a ResNet is ocrnet, the OCRNet cascade on an HRNet hrnet_ocr)"
+                    if {wanted, detected} == {"ocrnet", "hrnet_ocr"} else "")
             raise UnsupportedModelError(f"--arch {arch} (mmseg {MMSEG_HEADS[wanted]}), but the checkpoint holds an "
-                                        f"mmseg {head_type} ({detected})")
+                                        f"mmseg {head_type} ({detected}){hint}")
     if detected != "dnlnet" and dnl_form is not None:
         raise UnsupportedModelError(f"--dnl-form applies to DNLNet checkpoints; this one is {detected}")
     hcfg, acfg = _head_cfgs(mcfg)
@@ -447,6 +472,8 @@ def build_plan(ckpt: MMSegCheckpoint, arch: str | None = None, dnl_form: str | N
         raise UnsupportedModelError(f"the config names decode head {cfg_type!r} but the weights are an {head_type}")
     _check_head_cfg(hcfg, head_type)
     _check_head_cfg(acfg, "auxiliary head")
+    if detected == "hrnet_ocr":
+        return _hrnet_ocr_plan(ckpt, mcfg, output_stride, decoder_kwargs)
     enc_kwargs, notes, _ = _encoder(sd, mcfg, output_stride)
     p = "decode_head.1." if detected == "ocrnet" else "decode_head."
     classes, channels = _shape(sd, p + "conv_seg.weight")[:2]
@@ -480,12 +507,115 @@ def build_plan(ckpt: MMSegCheckpoint, arch: str | None = None, dnl_form: str | N
     notes.update({"classes": f"{classes} (state dict: conv_seg)", "decoder_channels": f"{channels} (state dict: "
                   f"conv_seg)", "decoder_dropout": f"{dropout} ({'config' if known else 'mmseg default'})"})
     notes.update({f"decoder_kwargs.{k}": v for k, v in head_notes.items()})
+    _test_cfg_note(mcfg, notes)
+    version, _ = mmseg_version(meta)
+    return ConversionPlan(detected, kwargs, notes, head_type, version)
+
+
+def _test_cfg_note(mcfg: Mapping | None, notes: dict[str, str]) -> None:
     test_cfg = mcfg.get("test_cfg") if isinstance(mcfg, Mapping) else None
     if isinstance(test_cfg, Mapping) and test_cfg.get("mode") not in (None, UNKNOWN):
         shown = ", ".join(f"{k}={_tuple(v)!r}" for k, v in test_cfg.items() if v is not UNKNOWN)
         notes["mmseg_test_cfg"] = f"{shown} (config; SegmentationTask test_mode / test_crop_size / test_stride)"
+
+
+# ------------------------------------------------------------------------------------------- HRNet OCRNet
+_FUSE_NOTE = ("bilinear to the target branch's size (the official HRNetV2 fuse, lit_attn's use_official_fuse); "
+              "mmseg's HRModule upsamples bilinearly by 2^k, then resizes to the target size: identical when the "
+              "input's sides are multiples of 32 (e.g. Cityscapes 1024x2048 whole-image), slightly different "
+              "otherwise (e.g. ADE20K's resized images)")
+
+
+def _hrnet_ocr_plan(ckpt: MMSegCheckpoint, mcfg: Mapping | None, output_stride: int | None,
+                    decoder_kwargs: Mapping[str, Any] | None) -> ConversionPlan:
+    """mmseg's CascadeEncoderDecoder on its HRNet (FCNHead -> OCRHead) as hrnet_ocr on timm's plain HRNet: the
+    trunk is the timm HRNet with exactly the checkpoint's backbone keys and shapes; stage 1 is NVIDIA's aux_head,
+    stage 2 its conv3x3_ocr + ocr block + cls_head."""
+    from timm.models import hrnet as timm_hrnet
+
+    from ..models.hrnet_psa import TRUNK_MODULES
+    from .nvidia import match_hrnet_trunk
+
+    sd, meta = ckpt.state_dict, ckpt.meta
+    hcfg, acfg = _head_cfgs(mcfg)
+    bcfg = mcfg.get("backbone") if isinstance(mcfg, Mapping) else None
+    if _type(bcfg) not in (None, "HRNet"):
+        raise UnsupportedModelError(f"unsupported backbone: config type={_type(bcfg)!r} with HRNet keys")
+    for bad, why in (("neck.", "a neck (neck.* weights)"), ("auxiliary_head.", "an auxiliary_head besides the "
+                     "cascade (hrnet_ocr's auxiliary output is the cascade's stage 1)")):
+        if _has(sd, bad):
+            raise UnsupportedModelError(f"unsupported model: the HRNet OCRNet checkpoint has {why}")
+    if output_stride not in (None, 32):
+        raise UnsupportedModelError(f"--output-stride {output_stride}: HRNet keeps its four branches at strides "
+                                    f"4-32; hrnet_ocr on a timm HRNet runs at output stride 32 only")
+    if decoder_kwargs:
+        raise UnsupportedModelError("decoder_kwargs do not apply to hrnet_ocr (every setting is read from the "
+                                    "checkpoint)")
+    if isinstance(bcfg, Mapping):
+        for key, ok, why in (("multiscale_output", True, "four output branches"),
+                             ("conv_cfg", None, "plain Conv2d layers")):
+            value, known = _get(bcfg, key, ok)
+            if known and value != ok:
+                raise UnsupportedModelError(f"unsupported backbone: HRNet {key}={value!r}; hrnet_ocr needs {why}")
+        norm = _type(bcfg.get("norm_cfg"))
+        if norm not in (None, "BN", "SyncBN", "BN2d"):
+            raise UnsupportedModelError(f"unsupported backbone: HRNet norm_cfg type={norm!r} (BN / SyncBN only)")
+    backbone = {k: v for k, v in sd.items() if k.startswith("backbone.") and k.split(".")[1] in TRUNK_MODULES}
+    trunk = match_hrnet_trunk(backbone, None)
+    stage4 = timm_hrnet.cfg_cls[trunk]["stage4"]
+    expansion = timm_hrnet.block_types_dict[stage4["block_type"]].expansion
+    branches = tuple(c * expansion for c in stage4["num_channels"])
+    total = sum(branches)
+    a, p = "decode_head.0.", "decode_head.1."
+    stage1 = {k[len(a):].rsplit(".", 1)[0] for k in sd if k.startswith(a)}
+    if stage1 - {"convs.0.conv", "convs.0.bn", "conv_seg"}:
+        raise UnsupportedModelError(f"decode_head.0 has {', '.join(sorted(stage1))}: hrnet_ocr's aux_head is mmseg's "
+                                    f"FCNHead with num_convs=1, concat_input=False (convs.0, conv_seg)")
+    w0 = _shape(sd, a + "convs.0.conv.weight")
+    if w0 != (total, total, 1, 1):
+        raise UnsupportedModelError(f"decode_head.0.convs.0 has shape {w0}; hrnet_ocr's aux_head (NVIDIA's) is a 1x1 "
+                                    f"conv from the {total} concatenated branch channels to {total} (mmseg FCNHead "
+                                    f"kernel_size=1, channels=sum(in_channels))")
+    mid, cat = _shape(sd, p + "bottleneck.conv.weight")[:2]
+    classes = _shape(sd, p + "conv_seg.weight")[0]
+    aux_classes = _shape(sd, a + "conv_seg.weight")[0]
+    if cat != total or aux_classes != classes:
+        raise UnsupportedModelError(f"decode_head.1.bottleneck takes {cat} channels and predicts {classes} classes, "
+                                    f"decode_head.0 {aux_classes}; hrnet_ocr needs the {total} branch channels of "
+                                    f"{trunk} and the same classes in both stages")
+    for what, c in (("decode_head.0 (FCNHead)", acfg), ("decode_head.1 (OCRHead)", hcfg)):
+        transform, known = _get(c, "input_transform", "resize_concat")
+        index = _tuple(_get(c, "in_index", (0, 1, 2, 3))[0])
+        if (known and transform != "resize_concat") or index != (0, 1, 2, 3):
+            raise UnsupportedModelError(f"{what}: input_transform={transform!r}, in_index={index!r}; "
+                                        f"hrnet_ocr's heads read the four branches resized and concatenated "
+                                        f"('resize_concat', in_index (0, 1, 2, 3))")
+    drop1, _ = _get(acfg, "dropout_ratio", -1)
+    if drop1 > 0:
+        raise UnsupportedModelError(f"decode_head.0 (FCNHead) dropout_ratio={drop1}: hrnet_ocr's aux_head (NVIDIA's) "
+                                    f"has no dropout (the same in eval mode, not in training; mmseg's HRNet OCRNet "
+                                    f"configs use -1)")
+    drop, drop_known = _get(hcfg, "dropout_ratio", -1)
+    head_kwargs, head_notes = _head_settings("ocrnet", sd, hcfg, meta, None)  # ocr_channels; refuses scale != 1
+    kwargs: dict[str, Any] = {"encoder_name": f"tu-{trunk}", "encoder_weights": None,
+                              "in_channels": _shape(sd, "backbone.conv1.weight")[1], "classes": classes,
+                              "decoder_channels": mid, "decoder_key_channels": head_kwargs["ocr_channels"],
+                              "decoder_dropout": max(float(drop), 0.0)}
+    notes = {"encoder": f"tu-{trunk} (every mmseg HRNet backbone key and shape equals timm's {trunk}; raw branches "
+                        f"{branches}, feature_location='')",
+             "output_stride": "32 (HRNet)", "fuse": _FUSE_NOTE,
+             "classes": f"{classes} (state dict: decode_head.1.conv_seg)",
+             "decoder_channels": f"{mid} (state dict: decode_head.1.bottleneck, mmseg's OCRHead channels)",
+             "decoder_key_channels": f"{head_notes['ocr_channels']} (mmseg's ocr_channels)",
+             "decoder_dropout": f"{kwargs['decoder_dropout']} (dropout_ratio={drop}: "
+                                f"{'config' if drop_known else 'the value of mmseg HRNet OCRNet configs'}; mmseg's "
+                                f"Dropout2d before conv_seg = hrnet_ocr's before cls_head)",
+             "aux_head": f"decode_head.0 (FCNHead 1x1, {total} -> {total} -> {classes}) = hrnet_ocr's aux_head"}
+    if "scale" in head_notes:
+        notes["decoder_kwargs.scale"] = head_notes["scale"]
+    _test_cfg_note(mcfg, notes)
     version, _ = mmseg_version(meta)
-    return ConversionPlan(detected, kwargs, notes, head_type, version)
+    return ConversionPlan("hrnet_ocr", kwargs, notes, "OCRHead", version)
 
 
 # ------------------------------------------------------------------------------------------------ key mapping
@@ -515,7 +645,30 @@ def _sa_rules(src: str, dst: str, value_module: bool) -> list[Rule]:
     return rules
 
 
+def _ocr_block_rules() -> list[Rule]:
+    """mmseg's OCRHead ObjectAttentionBlock -> lit_attn's `ocr` block (ObjectContextBlock) at `decoder.ocr.`."""
+    b, o = r"decode_head\.1\.object_context_block\.", "decoder.ocr."
+    return [*_sa_rules(b, o + "object_context_block.", value_module=True),
+            *_conv_module_rules(rf"{b}out_project", o + "object_context_block.W.0", o + "object_context_block.W.1.0"),
+            *_conv_module_rules(rf"{b}bottleneck", o + "conv_bn_dropout.0", o + "conv_bn_dropout.1.0")]
+
+
+def _hrnet_ocr_rules() -> list[Rule]:
+    """mmseg HRNet (the official HRNet's names, as timm's) + FCNHead stage 1 (NVIDIA's aux_head) + OCRHead
+    (conv3x3_ocr, the ocr block, cls_head)."""
+    from ..models.hrnet_psa import TRUNK_MODULES
+
+    return [(rf"^backbone\.((?:{'|'.join(TRUNK_MODULES)})\..*)$", r"encoder.model.\1", False),
+            *_conv_module_rules(r"decode_head\.0\.convs\.0", "decoder.aux_head.0", "decoder.aux_head.1.0"),
+            (r"^decode_head\.0\.conv_seg\.(.*)$", r"decoder.aux_head.2.\1", False),
+            *_conv_module_rules(r"decode_head\.1\.bottleneck", "decoder.conv3x3_ocr.0", "decoder.conv3x3_ocr.1.0"),
+            (r"^decode_head\.1\.conv_seg\.(.*)$", r"decoder.cls_head.\1", False),
+            *_ocr_block_rules()]
+
+
 def _rules(arch: str, stem: str) -> list[Rule]:
+    if arch == "hrnet_ocr":
+        return _hrnet_ocr_rules()
     rules: list[Rule] = [(r"^backbone\.(layer[1-4]\..*)$", r"encoder.model.\1", False)]
     if stem == "deep":
         rules += [(r"^backbone\.stem\.7\.(.*)$", r"encoder.model.bn1.\1", False),
@@ -524,14 +677,9 @@ def _rules(arch: str, stem: str) -> list[Rule]:
         rules += [(r"^backbone\.(conv1|bn1)\.(.*)$", r"encoder.model.\1.\2", False)]
     d, o = "decode_head.", "decoder."
     if arch == "ocrnet":
-        b = r"decode_head\.1\.object_context_block\."
         rules += [(r"^decode_head\.0\.((?:convs\.0|conv_seg)\..*)$", r"auxiliary_head.\1", False),
                   (r"^decode_head\.1\.((?:bottleneck|conv_seg)\..*)$", r"decoder.\1", False),
-                  *_sa_rules(b, "decoder.ocr.object_context_block.", value_module=True),
-                  *_conv_module_rules(rf"{b}out_project", "decoder.ocr.object_context_block.W.0",
-                                      "decoder.ocr.object_context_block.W.1.0"),
-                  *_conv_module_rules(rf"{b}bottleneck", "decoder.ocr.conv_bn_dropout.0",
-                                      "decoder.ocr.conv_bn_dropout.1.0")]
+                  *_ocr_block_rules()]
         return rules
     rules.append((r"^auxiliary_head\.((?:convs\.0|conv_seg)\..*)$", r"auxiliary_head.\1", False))
     d = re.escape(d)
@@ -587,6 +735,10 @@ def _rules(arch: str, stem: str) -> list[Rule]:
     return rules
 
 
+# model biases mmseg's checkpoints have no tensor for (ConvModule convs followed by a norm: bias=False), set to 0
+_ZERO_BIASES = {"hrnet_ocr": ("decoder.conv3x3_ocr.0.bias", "decoder.aux_head.0.bias")}
+
+
 def _shared_copies(arch: str, sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """mmseg keys that duplicate another key (a module registered under two names) -> the key they copy."""
     if arch != "ann":
@@ -603,7 +755,8 @@ def map_state_dict(arch: str, stem: str, sd: Mapping[str, torch.Tensor], target:
     nothing, target keys left without a value and shape differences raise one `KeyMappingError` listing them.
     Accounted for without a target: mmseg's second copy of a shared module (ANN's APNB query_project = its
     key_project, checked equal); filled without a source: BN `num_batches_tracked` counters absent from old
-    checkpoints (set to 0)."""
+    checkpoints (set to 0) and hrnet_ocr's conv3x3_ocr / aux_head conv biases, which mmseg's bias-free
+    ConvModules lack (set to 0)."""
     rules = [(re.compile(pat), rep, reshape) for pat, rep, reshape in _rules(arch, stem)]
     shared = _shared_copies(arch, sd)
     out: dict[str, torch.Tensor] = {}
@@ -646,6 +799,14 @@ def map_state_dict(arch: str, stem: str, sd: Mapping[str, torch.Tensor], target:
             out[k] = torch.zeros_like(target[k])
         notes.append(f"{len(counters)} BatchNorm num_batches_tracked counters absent from the checkpoint, set to 0")
         missing = [k for k in missing if k not in counters]
+    zeros = [k for k in _ZERO_BIASES.get(arch, ()) if k in missing]
+    if zeros:
+        for k in zeros:
+            out[k] = torch.zeros_like(target[k])
+        notes.append(f"{', '.join(zeros)} set to 0: mmseg's OCRHead.bottleneck and FCNHead convs.0 are ConvModules "
+                     f"without a bias (a BN follows), NVIDIA's conv3x3_ocr / aux_head convs have one; a zero bias "
+                     f"computes the same")
+        missing = [k for k in missing if k not in zeros]
     if unmapped or missing or shapes:
         parts = []
         for title, items in (("mmseg keys that map to nothing", unmapped),

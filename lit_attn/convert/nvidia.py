@@ -31,7 +31,7 @@ from .errors import ConvertError, KeyMappingError, NotPSACheckpointError, Unsupp
 from .loading import read_checkpoint
 from .output import check_out_dir, save_folder, save_lightning
 
-__all__ = ["PSAConversion", "convert_psa", "nvidia_state_dict", "plan_psa"]
+__all__ = ["PSAConversion", "convert_psa", "match_hrnet_trunk", "nvidia_state_dict", "plan_psa"]
 
 REPORT_NAME = "psa_conversion.json"
 ARCHS = ("hrnet_ocr", "mscale_ocr")
@@ -91,7 +91,7 @@ def _psa_block(state: Mapping[str, Tensor]) -> str | None:
     raise UnsupportedModelError(f"PSA blocks (`deattn`) of an unknown form: {_names(keys)}")
 
 
-def _trunk(state: Mapping[str, Tensor], attention: str | None) -> str:
+def match_hrnet_trunk(state: Mapping[str, Tensor], attention: str | None) -> str:
     """The timm HRNet whose trunk has exactly the checkpoint's backbone keys and shapes (built on meta)."""
     import timm
     from timm.models import hrnet as timm_hrnet
@@ -134,7 +134,7 @@ def plan_psa(state: Mapping[str, Tensor], *, arch: str | None = None,
         raise UnsupportedModelError(f"--arch {arch} was given, but the checkpoint is {found} "
                                     f"({'has' if found == 'mscale_ocr' else 'has no'} scale_attn.* tensors)")
     attention = _psa_block(state)
-    trunk = _trunk(state, attention)
+    trunk = match_hrnet_trunk(state, attention)
     try:
         classes = state["ocr.cls_head.weight"].shape[0]
         mid = state["ocr.conv3x3_ocr.0.weight"].shape[0]

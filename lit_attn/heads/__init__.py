@@ -7,7 +7,8 @@
 
 The named heads (DAHead, CCHead, ISAHead, EMAHead, NLHead, DNLHead, GCHead, OCRHead, PSAHead, APCHead,
 ANNHead, GloReHead, A2Head) follow mmseg's R-50-D8 configurations; as smp architectures they are
-`smp.create_model("danet", ...)` etc. (lit_attn.integrations.smp).
+`smp.create_model("danet", ...)` etc. (lit_attn.integrations.smp). HRNetOCRHead and ScaleAttentionHead are NVIDIA's
+(the PSA paper's HRNet-OCR / MscaleOCR; smp architectures "hrnet_ocr", "mscale_ocr").
 """
 from .ann import ANNHead
 from .apc import APCHead
@@ -15,11 +16,12 @@ from .context import A2Head, AttnHead, CCHead, DNLHead, GCHead, GloReHead, NLHea
 from .danet import DAHead
 from .ema import EMAHead
 from .fcn import ConvModule, FCNHead, init_head_weights
+from .hrnet_ocr import HRNetOCRHead, ScaleAttentionHead
 from .isa import ISAHead
 from .ocr import OCRHead
 from .psa import PSAHead
 from .segmentor import AttnSegmentor, build_encoder, find_attention_blocks
 
 __all__ = ["A2Head", "ANNHead", "APCHead", "AttnHead", "AttnSegmentor", "CCHead", "ConvModule", "DAHead", "DNLHead",
-           "EMAHead", "FCNHead", "GCHead", "GloReHead", "ISAHead", "NLHead", "OCRHead", "PSAHead", "build_attention",
-           "build_encoder", "find_attention_blocks", "init_head_weights"]
+           "EMAHead", "FCNHead", "GCHead", "GloReHead", "HRNetOCRHead", "ISAHead", "NLHead", "OCRHead", "PSAHead",
+           "ScaleAttentionHead", "build_attention", "build_encoder", "find_attention_blocks", "init_head_weights"]
