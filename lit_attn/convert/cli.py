@@ -87,18 +87,23 @@ def _scales(text: str) -> tuple[float, ...] | None:
         raise argparse.ArgumentTypeError(f"comma-separated numbers expected, e.g. 0.5,1.0,2.0, got {text!r}") from None
 
 
-def _convert_psa(args: argparse.Namespace) -> int:
-    from .nvidia import convert_psa
-
+def _report(args: argparse.Namespace, convert) -> int:
+    """Run `convert()` (a converter call); print its error (exit code of its kind) or what it did (0)."""
     try:
-        conv = convert_psa(args.checkpoint, args.out_dir, arch=args.arch, inference_scales=args.inference_scales,
-                           inference_flip=args.flip, overwrite=args.overwrite, lightning_ckpt=args.lightning_ckpt)
+        conv = convert()
     except ConvertError as e:
         message = str(e) if args.checkpoint in str(e) else f"{args.checkpoint}: {e}"
         print(f"lit-attn convert: error ({e.kind}): {message}", file=sys.stderr)
         return e.exit_code
-    print(f"{args.checkpoint}: {conv.arch}, {conv.num_tensors} tensors loaded strictly")
-    for key, note in conv.settings.items():
+    if args.source == "mmseg":
+        plan = conv.plan
+        print(f"{args.checkpoint}: mmseg {plan.head_type} (mmseg {plan.mmseg_version or 'version unknown'}) -> "
+              f"{plan.arch}, {conv.num_tensors} tensors loaded strictly")
+        settings = plan.notes
+    else:
+        print(f"{args.checkpoint}: {conv.arch}, {conv.num_tensors} tensors loaded strictly")
+        settings = conv.settings
+    for key, note in settings.items():
         print(f"  {key}: {note}")
     for note in conv.notes:
         print(f"  note: {note}")
@@ -113,29 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run `lit-attn convert ...` with `argv` (without the leading "convert"); returns the exit code."""
     args = _parser().parse_args(argv)
     if args.source in ("psa", "nvidia"):
-        return _convert_psa(args)
+        from .nvidia import convert_psa
+
+        return _report(args, lambda: convert_psa(
+            args.checkpoint, args.out_dir, arch=args.arch, inference_scales=args.inference_scales,
+            inference_flip=args.flip, overwrite=args.overwrite, lightning_ckpt=args.lightning_ckpt))
     from . import convert_mmseg_checkpoint
 
-    try:
-        conv = convert_mmseg_checkpoint(args.checkpoint, args.out_dir, arch=args.arch, dnl_form=args.dnl_form,
-                                        output_stride=args.output_stride, decoder_kwargs=args.decoder_kwargs,
-                                        overwrite=args.overwrite, lightning_ckpt=args.lightning_ckpt)
-    except ConvertError as e:
-        message = str(e) if args.checkpoint in str(e) else f"{args.checkpoint}: {e}"
-        print(f"lit-attn convert: error ({e.kind}): {message}", file=sys.stderr)
-        return e.exit_code
-    plan = conv.plan
-    print(f"{args.checkpoint}: mmseg {plan.head_type} (mmseg {plan.mmseg_version or 'version unknown'}) -> "
-          f"{plan.arch}, {conv.num_tensors} tensors loaded strictly")
-    for key, note in plan.notes.items():
-        print(f"  {key}: {note}")
-    for note in conv.notes:
-        print(f"  note: {note}")
-    print(f"wrote {conv.out_dir} (load: import lit_attn, segmentation_models_pytorch as smp; "
-          f"smp.from_pretrained({str(conv.out_dir)!r}))")
-    if args.lightning_ckpt:
-        print(f"wrote {args.lightning_ckpt} (lit-attn test --config <recipe> --ckpt_path {args.lightning_ckpt})")
-    return 0
+    return _report(args, lambda: convert_mmseg_checkpoint(
+        args.checkpoint, args.out_dir, arch=args.arch, dnl_form=args.dnl_form, output_stride=args.output_stride,
+        decoder_kwargs=args.decoder_kwargs, overwrite=args.overwrite, lightning_ckpt=args.lightning_ckpt))
 
 
 if __name__ == "__main__":
