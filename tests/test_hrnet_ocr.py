@@ -310,6 +310,59 @@ def test_compile(arch):
             close(compiled(x), model(x))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_meta_bf16_channels_last_odd_size(arch):
+    with torch.device("meta"):
+        meta = create(arch)
+    assert all(p.is_meta for p in meta.parameters())
+    kwargs = {"inference_scales": (0.5, 1.0, 1.5)} if arch == "mscale_ocr" else {}
+    model = randomize_(create(arch, **kwargs), 3).eval()
+    x = sample(1, 45, 37)  # odd: 0.5 -> 22x18, 1.5 -> 67x55
+    with torch.no_grad():
+        ref = model(x)
+        cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(x)
+    assert ref.shape == (1, 3, 45, 37)
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-4)
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    assert (half.float() - ref).norm() < 0.1 * ref.norm()
+
+
+ONNX_SIZES = ((64, 64), (96, 80))
+
+
+@pytest.mark.parametrize(("arch", "dynamo"), [("hrnet_ocr", True), ("hrnet_ocr", False), ("mscale_ocr", False),
+                                              pytest.param("mscale_ocr", True, marks=pytest.mark.slow)])  # ~20 s
+def test_onnx_export_matches_onnxruntime(arch, dynamo):
+    """Both ONNX exporters with dynamic H, W (MscaleOCR: its 0.5 / 1 / 2 scales in eval mode): onnxruntime equals
+    PyTorch to 1e-4 at the export size and another. Before: MscaleOCR resized by a size computed in Python, which
+    both exporters froze at the export size (0.068 off at 96x80)."""
+    import io
+    import warnings
+
+    ort = pytest.importorskip("onnxruntime")
+    model = randomize_(create(arch), 1).eval()
+    xs = [sample(1, h, w) for h, w in ONNX_SIZES]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dim = torch.export.Dim
+            dynamic = {"x": {2: dim("h", min=33, max=512), 3: dim("w", min=33, max=512)}}
+            blob = torch.onnx.export(model, (xs[0],), dynamo=True, input_names=["x"], verbose=False,
+                                     dynamic_shapes=dynamic).model_proto.SerializeToString()
+        else:
+            f = io.BytesIO()
+            torch.onnx.export(model, (xs[0],), f, dynamo=False, input_names=["x"], dynamic_axes={"x": {2: "h", 3: "w"}})
+            blob = f.getvalue()
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    for x in xs:
+        with torch.no_grad():
+            ref = model(x)
+        out = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_segmentation_task_fits_on_digits(tmp_path, digits_root):
     """Two steps of Lightning fit + validation on the digits data through SegmentationTask (forward_with_aux)."""
     import lightning.pytorch as pl

@@ -256,6 +256,77 @@ def test_meta_bf16_channels_last_odd_size(attn, backward):
         assert model.stage4[0].branches[3][0].attn.conv_q_left.weight.grad is not None
 
 
+# the smallest HRNet with every stage (one module, one block per branch): the exports' cost grows with the ops
+MINI = dict(stem_width=16, stage1=_stage(1, (1,), (4,), "BOTTLENECK"), stage2=_stage(1, (1, 1), (8, 16)),
+            stage3=_stage(1, (1, 1, 1), (8, 16, 32)), stage4=_stage(1, (1, 1, 1, 1), (8, 16, 32, 64)))
+
+
+def test_official_fuse_scripts_but_the_model_does_not_as_timms_hrnet():
+    """OfficialFuseModule compiles with TorchScript (scripted == eager, odd branch sizes); the whole model does not,
+    as timm's own HRNet (its SequentialList / stages are not scriptable; timm's test_models.py excludes `hrnet*`
+    from its TorchScript tests, which excludes these models too)."""
+    model = randomize_(_tiny("psa_p"), seed=6).eval()
+    fuse = model.stage4[0]
+    assert isinstance(fuse, hrnet_psa.OfficialFuseModule)
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(1, c, h, w, generator=g) for c, h, w in ((8, 17, 13), (16, 9, 7), (32, 5, 4), (64, 3, 2))]
+    scripted = torch.jit.script(fuse)
+    with torch.no_grad():
+        for a, b in zip(scripted(list(x)), fuse(list(x)), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for m in (model, timm.create_model("hrnet_w18_small_v2")):
+        with pytest.raises(RuntimeError):
+            torch.jit.script(m)
+
+
+ONNX_SIZES = ((64, 64), (45, 37))
+
+
+@pytest.mark.parametrize(("attn", "dynamo"), [("psa_p", True), ("psa_p", False), ("psa_s", False),
+                                              pytest.param("psa_s", True, marks=pytest.mark.slow)])  # dynamo: 15-20 s
+def test_onnx_export_matches_onnxruntime(attn, dynamo):
+    """Both ONNX exporters with dynamic H, W: onnxruntime's branches equal PyTorch's to 1e-4 at the export size and
+    an odd one. Dynamic export needs H, W >= 33: at 32 the stride-32 branch is 1x1 and torch.export specialises it
+    (a clear constraint error)."""
+    import io
+    import warnings
+
+    ort = pytest.importorskip("onnxruntime")
+    model = randomize_(PsaHighResolutionNetFeatures(psa_hrnet_cfg(MINI, attn)), seed=7).eval()
+    xs = [torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1)) for h, w in ONNX_SIZES]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dim = torch.export.Dim
+            dynamic = {"x": {2: dim("h", min=33, max=512), 3: dim("w", min=33, max=512)}}
+            blob = torch.onnx.export(model, (xs[0],), dynamo=True, input_names=["x"], verbose=False,
+                                     dynamic_shapes=dynamic).model_proto.SerializeToString()
+        else:
+            f = io.BytesIO()
+            torch.onnx.export(model, (xs[0],), f, dynamo=False, input_names=["x"], dynamic_axes={"x": {2: "h", 3: "w"}})
+            blob = f.getvalue()
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    for x in xs:
+        with torch.no_grad():
+            refs = model(x)
+        outs = session.run(None, {"x": x.numpy()})
+        assert len(outs) == len(refs) == 5
+        for out, ref in zip(outs, refs, strict=True):
+            torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # torch.compile of ~40 modules, ~20-40 s on 2 CPU cores
+def test_compile_fullgraph_dynamic():
+    model = randomize_(PsaHighResolutionNetFeatures(psa_hrnet_cfg(MINI, "psa_s")), seed=8).eval()
+    torch.compiler.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    with torch.no_grad():
+        for h, w in ONNX_SIZES:
+            x = torch.rand(1, 3, h, w)
+            for a, b in zip(compiled(x), model(x), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 # --- features: raw branches, incre, FX, smp -------------------------------------------------------------
 
 @pytest.mark.slow  # 2 w48 builds; covered by test_parameters_equal_... (feature_info) + test_smp_unet_encoder

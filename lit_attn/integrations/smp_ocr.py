@@ -10,7 +10,6 @@ mode (or `(mask, label)` with `aux_params`), `forward_with_aux(x)` returns `(mai
 `aux_loss_weights` (what `lit_attn.tasks.SegmentationTask` trains with); any input size; save_pretrained /
 smp.from_pretrained. NVIDIA's checkpoints load through `lit_attn.heads.hrnet_ocr.official_ocr_keys`.
 """
-import math
 from typing import Any
 
 import timm
@@ -226,12 +225,12 @@ class MscaleOCR(HRNetOCR):
         return sorted(scales, reverse=True)
 
     def _resize(self, x: Tensor, scale: float) -> Tensor:
-        """NVIDIA's ResizeX: bilinear to floor(H s) x floor(W s) (identity at 1.0)."""
+        """NVIDIA's ResizeX: bilinear by `scale` with recompute_scale_factor, to floor(H s) x floor(W s) (identity at
+        1.0); the scale factor, not a size computed in Python, so that traced exports (ONNX) keep it per input."""
         if scale == 1.0:
             return x
-        h, w = x.shape[-2], x.shape[-1]
-        size = [int(math.floor(h * scale)), int(math.floor(w * scale))]
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
+        return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=self.align_corners,
+                             recompute_scale_factor=True)
 
     def _fwd(self, x: Tensor, attend: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """NVIDIA's `_fwd`: cls, aux and (with `attend`) the scale attention at x's size, and the last encoder map."""

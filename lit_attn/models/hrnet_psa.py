@@ -125,15 +125,21 @@ class OfficialFuseModule(HighResolutionModule):
     def forward(self, x: list[Tensor]) -> list[Tensor]:
         if self.num_branches == 1:
             return [self.branches[0](x[0])]
-        x = [branch(t) for branch, t in zip(self.branches, x, strict=True)]
-        out = []
+        ys: list[Tensor] = []  # a new list (timm's writes into the caller's); indexed loops: TorchScript unrolls them
+        for i, branch in enumerate(self.branches):
+            ys.append(branch(x[i]))
+        out: list[Tensor] = []
         for i, fuse_outer in enumerate(self.fuse_layers):
-            y = None
+            y: Tensor | None = None
             for j, f in enumerate(fuse_outer):
-                z = f(x[j])
+                z = f(ys[j])
                 if j > i:
-                    z = resize_to(z, x[i])
-                y = z if y is None else y + z
+                    z = resize_to(z, ys[i])
+                if y is None:
+                    y = z
+                else:
+                    y = y + z
+            assert y is not None
             out.append(self.fuse_act(y))
         return out
 
