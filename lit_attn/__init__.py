@@ -15,6 +15,7 @@ from . import models  # noqa: E402,F401  (registers timm model variants)
 from .integrations import smp as _smp_integration  # noqa: E402
 
 _smp_integration.install()
+from .maps import attention_maps  # noqa: E402,F401  (lit_attn.maps: see the attention)
 
 __version__ = "0.1.0"
 __all__ = ["AttnEntry", "create_attn", "get_attn_entry", "is_attn", "list_attn", "register_attn"]
