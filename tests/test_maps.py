@@ -146,6 +146,195 @@ def test_criss_cross_passes_and_composed_map(recurrence):
         assert "0:composed" not in maps
 
 
+# ------------------------------------------------------------------------------------------ Base-OC, DNL, ISA
+def softmax_rows(q, k, scale=1.0, allowed=None):
+    """Dense (B, N, Nk) softmax_j(q_i . k_j * scale) of q (B, C, N), k (B, C, Nk), -inf where not `allowed`."""
+    logits = q.transpose(1, 2) @ k * scale
+    return torch.softmax(logits if allowed is None else logits.masked_fill(~allowed, float("-inf")), -1)
+
+
+@pytest.mark.parametrize("scale,size", [(1, (6, 7)), (2, (7, 9))])
+def test_base_oc_rows_equal_the_full_matrix(scale, size):
+    block = randomize_(lit_attn.create_attn("base_oc", 16, scale=scale), 11).eval()
+    x = torch.randn(2, 16, *size)
+    xs = F.max_pool2d(x, scale, scale, ceil_mode=True) if scale > 1 else x
+    hs, ws = xs.shape[-2:]
+    sab = block.attn
+    full = softmax_rows(sab.f_query(xs).flatten(2), sab.f_key(xs).flatten(2), block.attn.key_channels ** -0.5)
+    eye = torch.eye(hs * ws).reshape(1, hs * ws, hs, ws)     # U[j', p]: the upsampling's weight of pooled j' at p
+    up = F.interpolate(eye, size=size, mode="bilinear", align_corners=True).flatten(2)[0]
+    effective = up.T @ full                                  # (B, N, N'): the query's weights of the pooled keys
+    ctx = conv1x1(sab.W, (conv1x1(sab.f_value, xs).flatten(2) @ effective.transpose(1, 2)).unflatten(2, size))
+    queries = [(0, 0), (3, 4), (size[0] - 1, size[1] - 2)]
+    with torch.no_grad():
+        assert torch.allclose(block.context(x), ctx, atol=1e-4)
+        m = single(block, x, queries=queries)["0"]
+    assert m.kind == "query_attention" and m.feature_size == (hs, ws)
+    assert torch.allclose(m.map.flatten(2), rows_at(effective, queries, size[1]), atol=ATOL)
+    assert torch.allclose(m.map.sum((2, 3)), torch.ones(2, 3), atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["dnl", "dnl_mmseg"])
+def test_dnl_pairwise_rows_and_unary_map(name):
+    block = randomize_(lit_attn.create_attn(name, 16, temperature=0.5), 12).eval()
+    x = torch.randn(2, 16, 6, 5)
+    q, k = conv1x1(block.theta.conv, x).flatten(2), conv1x1(block.phi.conv, x).flatten(2)
+    q, k = q - q.mean(-1, keepdim=True), k - k.mean(-1, keepdim=True)
+    full = softmax_rows(q, k, 8 ** -0.5 / 0.5)
+    unary = torch.softmax(conv1x1(block.conv_mask, x).flatten(2), -1)            # (B, 1, N)
+    v = conv1x1(block.g.conv, x).flatten(2)
+    pair_ctx = (v @ full.transpose(1, 2)).unflatten(2, (6, 5))
+    unary_ctx = (v @ unary.transpose(1, 2))[..., None]                           # (B, Cv, 1, 1)
+    if name == "dnl":
+        block.gamma.data.fill_(0.6)
+        ref = x + 0.6 * pair_ctx + unary_ctx
+    else:
+        ref = x + block.conv_out(pair_ctx + unary_ctx)
+    queries = [(0, 0), (4, 2), (5, 4)]
+    with torch.no_grad():
+        assert torch.allclose(block(x), ref, atol=1e-4)
+        maps = single(block, x, queries=queries)
+    assert set(maps) == {"0:pairwise", "0:unary"}
+    assert maps["0:pairwise"].kind == "query_attention" and maps["0:unary"].kind == "shared_attention"
+    assert torch.allclose(maps["0:pairwise"].map.flatten(2), rows_at(full, queries, 5), atol=ATOL)
+    assert torch.allclose(maps["0:unary"].map.flatten(2), unary, atol=ATOL)
+    assert maps["0:unary"].map.shape == (2, 1, 6, 5)
+
+
+@pytest.mark.parametrize("size,down", [((10, 13), (4, 4)), ((8, 6), (2, 3))])
+def test_isa_composed_rows_equal_the_dense_two_stage_product(size, down):
+    block = randomize_(lit_attn.create_attn("isa", 16, down_factor=down), 13).eval()
+    x = torch.randn(2, 16, *size)
+    (h, w), (dh, dw) = size, down
+    hp, wp = -(-h // dh) * dh, -(-w // dw) * dw
+    top, left = (hp - h) // 2, (wp - w) // 2
+    xp = F.pad(x, (left, wp - w - left, top, hp - h - top))
+    yy, xx = [t.flatten() for t in torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")]
+    same_offset = (yy[:, None] % dh == yy[None] % dh) & (xx[:, None] % dw == xx[None] % dw)
+    same_block = (yy[:, None] // dh == yy[None] // dh) & (xx[:, None] // dw == xx[None] // dw)
+    stages, feats = [], xp
+    for sab, allowed in ((block.long_range_sa, same_offset), (block.short_range_sa, same_block)):
+        a = softmax_rows(sab.f_query(feats).flatten(2), sab.f_key(feats).flatten(2), sab.scale, allowed)
+        stages.append(a)
+        feats = sab.W((conv1x1(sab.f_value, feats).flatten(2) @ a.transpose(1, 2)).unflatten(2, (hp, wp)))
+    composed = stages[1] @ stages[0]                                         # (B, Np, Np): short after long
+    queries = [(0, 0), (h // 2, w // 2), (h - 1, w - 1), (1, w - 2)]
+    rows = rows_at(composed, [(r + top, c + left) for r, c in queries], wp).unflatten(2, (hp, wp))
+    with torch.no_grad():
+        assert torch.allclose(block.context(x), feats[:, :, top:top + h, left:left + w], atol=1e-4)
+        m = single(block, x, queries=queries)["0"]
+    assert m.kind == "query_attention" and m.map.shape == (2, 4, h, w)
+    assert torch.allclose(m.map, rows[:, :, top:top + h, left:left + w], atol=ATOL)
+    assert ((composed > 0).sum(-1) == hp * wp).all()                         # one path to every pixel
+    padded = (hp, wp) != (h, w)
+    sums = m.map.sum((2, 3))
+    assert (sums < 1 - 1e-3).all() if padded else torch.allclose(sums, torch.ones(2, 4), atol=ATOL)
+
+
+# ------------------------------------------------------------------------------------------ low-rank
+def test_a2_gather_and_distribute_maps():
+    block = randomize_(lit_attn.create_attn("a2", 16, num_descriptors=5), 14).eval()
+    x = torch.randn(2, 16, 6, 7)
+    gather = torch.softmax(conv1x1(block.conv_b, x).flatten(2), -1)             # (B, n, N) over the pixels
+    distribute = torch.softmax(conv1x1(block.conv_v, x).flatten(2), 1)          # (B, n, N) over the descriptors
+    z = (conv1x1(block.conv_a, x).flatten(2) @ gather.transpose(1, 2)) @ distribute
+    with torch.no_grad():
+        assert torch.allclose(block(x), x + conv1x1(block.conv_out, z.unflatten(2, (6, 7))), atol=1e-4)
+        maps = single(block, x)
+    assert {k: m.kind for k, m in maps.items()} == {"0:gather": "assignment", "0:distribute": "assignment"}
+    assert torch.allclose(maps["0:gather"].map.flatten(2), gather, atol=ATOL)
+    assert torch.allclose(maps["0:distribute"].map.flatten(2), distribute, atol=ATOL)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_glore_projection_is_the_one_forward_uses(normalize):
+    block = randomize_(lit_attn.create_attn("glore", 16, normalize=normalize), 15).eval()
+    block.blocker.weight.data.normal_()
+    x = torch.randn(2, 16, 5, 6)
+    proj = conv1x1(block.conv_proj, x).flatten(2)                               # (B, Nn, N)
+    v = conv1x1(block.conv_state, x).flatten(2) @ proj.transpose(1, 2)           # official GloRe_Unit order
+    v = v / 30 if normalize else v
+    y = block.conv_extend.weight[:, :, 0, 0] @ block.gcn(v) @ proj
+    with torch.no_grad():
+        assert torch.allclose(block(x), x + block.blocker(y.unflatten(2, (5, 6))), atol=1e-3)
+        m = single(block, x)["0"]
+    assert m.kind == "assignment" and m.map.shape == (2, 4, 5, 6)
+    assert torch.allclose(m.map.flatten(2), proj, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode,dims", [("asymmetric", (3, 4)), ("symmetric", (5,))])
+def test_latentgnn_adjacencies(mode, dims):
+    block = randomize_(lit_attn.create_attn("latentgnn", 16, latent_dims=dims, mode=mode), 16).eval()
+    block.gamma.data.fill_(0.5)
+    x = torch.randn(2, 16, 5, 6)
+    sym = mode == "symmetric"
+    v2l = F.normalize(block.down_channel(x) if sym else block.down_channel_v2l(x), dim=1)
+    l2v = v2l if sym else F.normalize(block.down_channel_l2v(x), dim=1)
+    outs, adjs = [], {}
+    for i in range(len(dims)):  # official LatentGNN_Kernel.forward, written out
+        kernel = getattr(block, f"LatentGNN_Kernel_{i}")
+        if sym:
+            a_v2l = a_l2v = F.normalize(kernel.psi(v2l).flatten(2), dim=1)
+        else:
+            a_v2l = F.normalize(kernel.psi_v2l(v2l).flatten(2), dim=2)
+            a_l2v = F.normalize(kernel.psi_l2v(l2v).flatten(2), dim=1)
+        nodes = a_v2l @ v2l.flatten(2).transpose(1, 2)
+        nn_ = F.normalize(nodes, dim=-1)
+        nodes = torch.softmax(nn_ @ nn_.transpose(1, 2), -1) @ nodes
+        outs.append((nodes.transpose(1, 2) @ a_l2v).unflatten(2, (5, 6)))
+        suffix = str(i) if len(dims) > 1 else ""
+        adjs["0:v2l" + suffix] = a_v2l
+        if not sym:
+            adjs["0:l2v" + suffix] = a_l2v
+    with torch.no_grad():
+        assert torch.allclose(block(x), x + 0.5 * block.up_channel(torch.cat(outs, 1)), atol=1e-4)
+        maps = single(block, x)
+    assert set(maps) == set(adjs)
+    for key, adj in adjs.items():
+        assert maps[key].kind == "assignment" and torch.allclose(maps[key].map.flatten(2), adj, atol=ATOL), key
+
+
+# ------------------------------------------------------------------------------------------ PSANet
+def naive_psa_logits(mask, mask_h, mask_w):
+    """(B, N, N) G[i, j] = mask_i at offset j - i (channel (dy + half_h) * mask_w + dx + half_w), 0 outside."""
+    b, _, h, w = mask.shape
+    g = torch.zeros(b, h * w, h * w)
+    for i in range(h * w):
+        for j in range(h * w):
+            dy, dx = j // w - i // w + (mask_h - 1) // 2, j % w - i % w + (mask_w - 1) // 2
+            if 0 <= dy < mask_h and 0 <= dx < mask_w:
+                g[:, i, j] = mask[:, dy * mask_w + dx, i // w, i % w]
+    return g
+
+
+@pytest.mark.parametrize("psa_type", ["bi-direction", "distribute"])
+def test_psanet_collect_and_distribute_rows(psa_type):
+    block = lit_attn.create_attn("psanet", 16, mask_size=(5, 3), psa_type=psa_type, shrink_factor=1,
+                                 proj_padding=0, normalization_factor=2.0)
+    randomize_(block, 17).eval()
+    x = torch.randn(2, 16, 6, 5)
+    branches = [(block.reduce, block.attention, psa_type if psa_type != "bi-direction" else "collect")]
+    if psa_type == "bi-direction":
+        branches.append((block.reduce_p, block.attention_p, "distribute"))
+    outs, mats = [], {}
+    for reduce, attention, kind in branches:
+        feats = reduce(x)
+        g = naive_psa_logits(attention(feats), 5, 3)
+        # collect: out_i = sum_j softmax_j(G)[i, j] v_j; distribute: out_j = sum_i softmax_i(G)[i, j] v_i
+        a = torch.softmax(g, -1) if kind == "collect" else torch.softmax(g, 1).transpose(1, 2)
+        mats[kind] = a                                                      # row = the query
+        outs.append((feats.flatten(2) @ a.transpose(1, 2)).unflatten(2, (6, 5)) / 2.0)
+    queries = [(0, 0), (3, 2), (5, 4), (1, 4)]
+    with torch.no_grad():
+        assert torch.allclose(block.context(x), block.proj(torch.cat(outs, 1)), atol=1e-4)
+        maps = single(block, x, queries=queries)
+    assert set(maps) == {f"0:{k}" for k in mats}
+    for kind, a in mats.items():
+        m = maps[f"0:{kind}"]
+        assert m.kind == "query_attention" and m.map.shape == (2, 4, 6, 5)
+        assert torch.allclose(m.map.flatten(2), rows_at(a, queries, 5), atol=ATOL), kind
+
+
 # ------------------------------------------------------------------------------------------ gates
 @pytest.mark.parametrize("formulation", ["paper", "official"])
 @pytest.mark.parametrize("layout", ["channel", "spatial", "parallel", "sequential"])
@@ -314,7 +503,7 @@ def test_smp_archs(arch):
 
 
 @pytest.mark.parametrize("block", ["nonlocal", "nonlocal_gaussian", "nonlocal_dot", "nonlocal_concat",
-                                   "danet_pam", "criss_cross"])
+                                   "danet_pam", "criss_cross", "base_oc", "dnl", "isa"])
 def test_no_n_by_n_tensor(block, monkeypatch):
     import lit_attn.ops.attention as ops_attention
 
@@ -325,7 +514,7 @@ def test_no_n_by_n_tensor(block, monkeypatch):
     with MaxNumel() as rec:
         maps = attention_maps(model, torch.randn(1, 3, 64, 64), queries=queries)
     assert rec.max_numel < n * n // 16, (rec.max_numel, n * n)
-    assert all(m.map.shape == (1, 6, 64, 64) for m in maps.values())
+    assert all(m.map.shape == (1, 6, 64, 64) for m in maps.values() if m.kind == "query_attention")
     with MaxNumel() as naive:  # the recorder does see an N x N matrix
         torch.randn(1, n, 2) @ torch.randn(1, 2, n)
     assert naive.max_numel >= n * n

@@ -8,7 +8,7 @@
 Blocks declare their maps with `@map_for(BlockClass)` (`supported_blocks()` lists them); the others
 get the fallback ||block(x) - x||. Position attention gives the rows of the query pixels only (no N x N).
 """
-from . import gates, position  # noqa: F401  (declare the maps)
+from . import context, gates, lowrank, position, psanet  # noqa: F401  (declare the maps)
 from .core import (
     KINDS,
     BlockMap,

@@ -24,6 +24,7 @@ KINDS = {
     "query_attention": "(B, Q, h, w): the attention row of each query pixel over the key grid",
     "channel_gate": "(B, C): the per-channel gate the block multiplies by",
     "spatial_gate": "(B, 1, h, w): the per-position gate the block multiplies by",
+    "shared_attention": "(B, 1, h, w): one softmax over the positions, the same for every query (attention pooling)",
     "mixed_gate": "(B, C, h, w): an independent gate per channel and position",
     "assignment": "(B, K, h, w): soft assignment of the pixels to K bases / regions",
     "channel_affinity": "(B, C, C): the channel-to-channel attention matrix (rows: output channels)",
