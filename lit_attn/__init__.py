@@ -16,6 +16,7 @@ from .integrations import smp as _smp_integration  # noqa: E402
 
 _smp_integration.install()
 from .maps import attention_maps  # noqa: E402,F401  (lit_attn.maps: see the attention)
+from .segment import segment_image  # noqa: E402,F401  (image in, mask out)
 
 __version__ = "0.1.0"
 __all__ = ["AttnEntry", "create_attn", "get_attn_entry", "is_attn", "list_attn", "register_attn"]

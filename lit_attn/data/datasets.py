@@ -9,7 +9,9 @@ value outside the data set's valid set raises :class:`InvalidLabelError` (both `
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +36,8 @@ __all__ = [
     "InvalidLabelError",
     "SegmentationDataset",
     "VOCSegmentation",
+    "SkippedImageWarning",
+    "image_to_rgb",
     "load_image",
     "load_label",
 ]
@@ -63,6 +67,10 @@ class CorruptImageError(ValueError):
     """An image file that cannot be decoded (its path is in the message)."""
 
 
+class SkippedImageWarning(UserWarning):
+    """An image that prediction skips because it cannot be decoded (its path and the reason are in the message)."""
+
+
 class InvalidLabelError(ValueError):
     """A label file that cannot be decoded, is not a class-index image, has another size than its image, or holds
     values outside the data set's valid set (its path is in the message)."""
@@ -71,21 +79,43 @@ class InvalidLabelError(ValueError):
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image to an ``(H, W, 3)`` uint8 array; :class:`CorruptImageError` if it cannot be decoded.
 
-    8-bit images go through Pillow's ``convert("RGB")`` (bit-identical to it). Single-channel high-bit-depth
-    images, which ``convert`` would clip, are scaled: 16-bit values (modes ``I;16*``, and ``I`` with values in
-    0..65535) keep their high byte, ``v >> 8``, the rule Pillow itself applies to 48-bit RGB PNGs and 16-bit RGB
-    TIFFs (and cv2's 8-bit reading), so a picture decodes alike stored grey or RGB; float images (mode ``F``) must
-    hold values in [0, 1] and become ``round(255 * v)``. Other ranges (``I`` outside 0..65535, ``F`` outside [0, 1]
-    or NaN) raise :class:`CorruptImageError` rather than guess a scale.
+    The mode rule (also :func:`image_to_rgb` for PIL images): 8-bit images go through Pillow's ``convert("RGB")``
+    (bit-identical to it): grey ``L`` / ``1`` is repeated over the channels, a palette ``P`` image is looked up in
+    its palette, ``CMYK`` uses Pillow's conversion, and transparency (``RGBA``, ``LA``, ``PA``, a palette's
+    transparent entry) is simply dropped: the colour under the alpha is kept, not composited on a background.
+    Single-channel high-bit-depth images, which ``convert`` would clip, are scaled: 16-bit values (modes ``I;16*``,
+    and ``I`` with values in 0..65535) keep their high byte, ``v >> 8`` (0 -> 0, 65535 -> 255: the full 16-bit
+    range onto 0..255), the rule Pillow itself applies to 48-bit RGB PNGs and 16-bit RGB TIFFs (and cv2's 8-bit
+    reading), so a picture decodes alike stored grey or RGB; float images (mode ``F``) must hold values in [0, 1]
+    and become ``round(255 * v)``. Other ranges (``I`` outside 0..65535, ``F`` outside [0, 1] or NaN) raise
+    :class:`CorruptImageError` rather than guess a scale.
     """
     try:
         with Image.open(path) as im:
-            mode = im.mode
-            if mode not in ("I", "F") and not mode.startswith("I;16"):
-                return np.array(im.convert("RGB"))
-            arr = np.asarray(im)
+            mode, arr = _pixels(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"corrupt or unreadable image {path}: {e}") from e
+    return _to_rgb8(arr, mode, path)
+
+
+def image_to_rgb(image: Image.Image, source: str = "the PIL image") -> np.ndarray:
+    """A PIL image as an ``(H, W, 3)`` uint8 array by :func:`load_image`'s mode rule (``source`` names it in
+    errors)."""
+    mode, arr = _pixels(image)
+    return _to_rgb8(arr, mode, source)
+
+
+def _pixels(im: Image.Image) -> tuple[str, np.ndarray]:
+    """(mode, pixels): 8-bit modes decoded to RGB (mode ``"RGB"``), high-bit-depth ones as they are stored."""
+    mode = im.mode
+    if mode not in ("I", "F") and not mode.startswith("I;16"):
+        return "RGB", np.array(im.convert("RGB"))
+    return mode, np.asarray(im)
+
+
+def _to_rgb8(arr: np.ndarray, mode: str, path) -> np.ndarray:
+    if mode == "RGB":
+        return arr
     if arr.dtype.kind == "f":
         lo, hi = float(arr.min()), float(arr.max())
         if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
@@ -329,23 +359,64 @@ class ADE20KSegmentation(SegmentationDataset):
 
 
 class ImageFolderPredictDataset(SegmentationDataset):
-    """All images under ``root`` (recursive, sorted) for prediction: ``{"image", "name", "orig_size"}``.
+    """Images to predict: ``{"image", "name", "orig_size", "path"}`` for each image of ``root``.
 
-    ``name`` is the image's path relative to ``root`` without its extension (``a/x.jpg`` -> ``a/x``), or with it
-    where several images of one folder share a stem (``x.jpg`` and ``x.png`` -> ``x.jpg`` and ``x.png``), so that
-    names are unique (case-insensitively, for case-insensitive file systems)."""
+    ``root`` is a folder (all images under it, recursive), an image file, or a glob pattern (``photos/*.jpg``,
+    ``shots/**/*.png``: the matching image files). ``name`` is the image's path relative to the folder (for a
+    pattern: to its fixed leading folder, ``photos`` for ``photos/*.jpg``; for a file: its folder) without its
+    extension (``a/x.jpg`` -> ``a/x``), or with it where several images of one folder share a stem (``x.jpg`` and
+    ``x.png`` -> ``x.jpg`` and ``x.png``), so that names are unique (case-insensitively, for case-insensitive file
+    systems). Images decode by :func:`load_image`'s mode rule (grey, palette, CMYK, 16-bit -> RGB 8-bit; alpha
+    dropped). A missing path, or a pattern that matches no image, raises ``FileNotFoundError`` naming it.
+
+    An image that cannot be decoded does not stop the run: loading it warns (:class:`SkippedImageWarning`, naming
+    the file and the reason) and returns ``{"name", "path", "skipped": reason}`` instead of a sample; the predict
+    collate (:func:`lit_attn.data.segmentation.collate_predict`) leaves it out of the batch and lists it under the
+    batch's ``"skipped"``, so nothing is written for it and `SegmentationMaskWriter` names all skipped files at the
+    end of the run.
+    """
 
     def __init__(self, root: str | os.PathLike, transform: Transform | None = None) -> None:
-        root = Path(root).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"predict root {root} does not exist; expected a folder of images "
-                                    f"({', '.join(IMG_EXTENSIONS)})")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-        if not files:
-            raise FileNotFoundError(f"predict root {root} contains no images ({', '.join(IMG_EXTENSIONS)})")
-        self.root = root
-        rel = [p.relative_to(root) for p in files]
+        files, base = _predict_files(root)
+        self.root = base
+        rel = [p.relative_to(base) for p in files]
         stems = Counter(r.with_suffix("").as_posix().lower() for r in rel)
         names = [(r if stems[r.with_suffix("").as_posix().lower()] > 1 else r.with_suffix("")).as_posix()
                  for r in rel]
         super().__init__([(str(p), None, n) for p, n in zip(files, names, strict=True)], None, transform)
+
+    def __getitem__(self, index: int) -> dict:
+        path, _, name = self.samples[index]
+        try:
+            sample = super().__getitem__(index)
+        except CorruptImageError as e:
+            warnings.warn(f"skipping {path}: {e}", SkippedImageWarning, stacklevel=2)
+            return {"name": name, "path": path, "skipped": str(e)}
+        sample["path"] = path
+        return sample
+
+
+def _predict_files(root: str | os.PathLike) -> tuple[list[Path], Path]:
+    """(image files, the folder names are relative to) of a predict root: a folder, a file or a glob pattern."""
+    kinds = ", ".join(IMG_EXTENSIONS)
+    text = os.path.expanduser(os.fspath(root))
+    path = Path(text)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        if not files:
+            raise FileNotFoundError(f"predict root {root} contains no images ({kinds})")
+        return files, path
+    if path.is_file():
+        return [path], path.parent
+    if not glob.has_magic(text):
+        raise FileNotFoundError(f"predict root {root} does not exist; expected a folder of images, an image file or "
+                                f"a glob pattern such as photos/*.jpg ({kinds})")
+    parts = path.parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
+    files = [p for p in matches if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()]
+    if not files:
+        found = f"{len(matches)} paths but no image files ({kinds})" if matches else "nothing"
+        raise FileNotFoundError(f"predict root pattern {root!r} matches {found}")
+    return files, base

@@ -31,6 +31,7 @@ __all__ = [
     "SegmentationDataModule",
     "VOCDataModule",
     "collate_eval",
+    "collate_predict",
     "eval_sampler",
 ]
 
@@ -43,6 +44,22 @@ def collate_eval(samples: list[dict]) -> dict:
     out = {k: [s[k] for s in samples] for k in samples[0]}
     if all("orig_size" in s for s in samples):
         out["orig_size"] = torch.stack(out["orig_size"])
+    return out
+
+
+def collate_predict(samples: list[dict]) -> dict:
+    """:func:`collate_eval` for prediction, leaving out the samples a dataset marked ``"skipped"`` (an image that
+    could not be decoded, see :class:`~lit_attn.data.datasets.ImageFolderPredictDataset`): they are listed as
+    ``(path or name, reason)`` under the batch's ``"skipped"``; a batch of skipped images only is an empty batch
+    (``image`` and ``name`` empty lists, ``orig_size`` of shape (0, 2)) that predicts nothing."""
+    skipped = [(s.get("path", s.get("name")), s["skipped"]) for s in samples if "skipped" in s]
+    kept = [s for s in samples if "skipped" not in s]
+    if kept:
+        out = collate_eval(kept)
+    else:
+        out = {"image": [], "name": [], "path": [], "orig_size": torch.zeros(0, 2, dtype=torch.long)}
+    if skipped:
+        out["skipped"] = skipped
     return out
 
 
@@ -80,7 +97,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             left as they are). Masks are never resized in evaluation.
         eval_batch_size: batch size of val/test/predict loaders (1 unless all images have one size).
         pin_memory: DataLoader ``pin_memory``.
-        predict_root: folder of images to predict; ``None`` predicts the test split.
+        predict_root: images to predict: a folder, an image file or a glob pattern (``photos/*.jpg``; see
+            :class:`~lit_attn.data.datasets.ImageFolderPredictDataset`); ``None`` predicts the test split.
         mean, std: normalisation (ImageNet).
 
     Concrete subclasses call ``self.save_hyperparameters()`` in their ``__init__`` (so ``hparams`` holds exactly
@@ -164,14 +182,14 @@ class SegmentationDataModule(pl.LightningDataModule):
                 self.predict_dataset = self.make_dataset(self.test_split, self.eval_transform())
 
     # -- loaders --------------------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool, collate_fn=collate_eval) -> DataLoader:
         kwargs = {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
                   "persistent_workers": self.num_workers > 0}
         if train:
             return DataLoader(dataset, batch_size=batch_size, shuffle=True,
                               drop_last=len(dataset) >= batch_size, **kwargs)
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=eval_sampler(dataset),
-                          collate_fn=collate_eval, **kwargs)
+                          collate_fn=collate_fn, **kwargs)
 
     def _get(self, attr: str, stage: str) -> Dataset:
         if getattr(self, attr) is None:
@@ -188,7 +206,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         return self._loader(self._get("test_dataset", "test"), self.eval_batch_size, train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self._get("predict_dataset", "predict"), self.eval_batch_size, train=False)
+        return self._loader(self._get("predict_dataset", "predict"), self.eval_batch_size, train=False,
+                            collate_fn=collate_predict)
 
 
 class VOCDataModule(SegmentationDataModule):
