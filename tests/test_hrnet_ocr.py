@@ -259,7 +259,7 @@ def test_classification_head_and_hub_round_trip(arch, tmp_path):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["hrnet_ocr", pytest.param("mscale_ocr", marks=pytest.mark.slow)])  # ~15 s each
 def test_capability_flags_tell_the_truth(arch):
     """TorchScript and torch.export (strict) as smp's tests, values checked; torch.compile in the slow test."""
     cls = smp.MODEL_ARCHITECTURES_MAPPING[arch]

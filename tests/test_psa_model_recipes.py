@@ -31,7 +31,7 @@ def _count(module: torch.nn.Module, prefix: str = "") -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("psa", ["psa_p", "psa_s"])
+@pytest.mark.parametrize("psa", ["psa_p", pytest.param("psa_s", marks=pytest.mark.slow)])  # w48 builds: ~6 s each
 def test_full_size_mscale_ocr_hrnet_w48_psa_has_the_official_parameters(psa):
     with torch.device("meta"):
         ours = smp.create_model("mscale_ocr", encoder_name=f"tu-hrnet_w48_{psa}", encoder_weights=None, classes=19)
@@ -51,7 +51,7 @@ def test_full_size_mscale_ocr_hrnet_w48_psa_has_the_official_parameters(psa):
     assert total == {"psa_p": 71_680_320, "psa_s": 70_709_664}[psa] + 5_047_558 + 1_770_752  # trunk + OCR + attn
 
 
-@pytest.mark.parametrize("psa", ["p", "s"])
+@pytest.mark.parametrize("psa", ["p", pytest.param("s", marks=pytest.mark.slow)])  # w48 builds: ~6 s each
 def test_cityscapes_psa_recipes_build_the_papers_model(psa):
     path = ROOT / "recipes" / "cityscapes" / f"mscale_ocr_hrnet_w48_psa_{psa}_1024x2048_175e.yaml"
     cfg = yaml.safe_load(path.read_text())
