@@ -84,3 +84,24 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
                     m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
                     m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model
+
+
+def onnx_bytes(model: torch.nn.Module, x: torch.Tensor, dynamo: bool, min_size: int = 32,
+               dynamic: bool = True) -> bytes:
+    """`model` exported to ONNX at `x` (input "x"), H and W dynamic (>= `min_size`) unless `dynamic` is False: with
+    torch.onnx's dynamo exporter, or the TorchScript-based one (`dynamo=False`). Warnings silenced."""
+    import io
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dim = torch.export.Dim
+            shapes = {"x": {2: dim("h", min=min_size, max=512), 3: dim("w", min=min_size, max=512)}} if dynamic \
+                else None
+            return torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], verbose=False,
+                                     dynamic_shapes=shapes).model_proto.SerializeToString()
+        f = io.BytesIO()
+        torch.onnx.export(model, (x,), f, dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {2: "h", 3: "w"}} if dynamic else None)
+        return f.getvalue()

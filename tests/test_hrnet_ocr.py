@@ -6,7 +6,7 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
-from helpers import randomize_
+from helpers import onnx_bytes, randomize_
 from official_ocrnet import (
     MscaleOCRHeads,
     eval_minibatch_output,
@@ -338,23 +338,10 @@ def test_onnx_export_matches_onnxruntime(arch, dynamo):
     """Both ONNX exporters with dynamic H, W (MscaleOCR: its 0.5 / 1 / 2 scales in eval mode): onnxruntime equals
     PyTorch to 1e-4 at the export size and another. Before: MscaleOCR resized by a size computed in Python, which
     both exporters froze at the export size (0.068 off at 96x80)."""
-    import io
-    import warnings
-
     ort = pytest.importorskip("onnxruntime")
     model = randomize_(create(arch), 1).eval()
     xs = [sample(1, h, w) for h, w in ONNX_SIZES]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            dim = torch.export.Dim
-            dynamic = {"x": {2: dim("h", min=33, max=512), 3: dim("w", min=33, max=512)}}
-            blob = torch.onnx.export(model, (xs[0],), dynamo=True, input_names=["x"], verbose=False,
-                                     dynamic_shapes=dynamic).model_proto.SerializeToString()
-        else:
-            f = io.BytesIO()
-            torch.onnx.export(model, (xs[0],), f, dynamo=False, input_names=["x"], dynamic_axes={"x": {2: "h", 3: "w"}})
-            blob = f.getvalue()
+    blob = onnx_bytes(model, xs[0], dynamo, min_size=33)
     session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     for x in xs:
         with torch.no_grad():

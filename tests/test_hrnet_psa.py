@@ -13,7 +13,7 @@ import pytest
 import segmentation_models_pytorch as smp
 import timm
 import torch
-from helpers import randomize_
+from helpers import onnx_bytes, randomize_
 from timm.models import hrnet as timm_hrnet
 from torch import nn
 
@@ -289,23 +289,10 @@ def test_onnx_export_matches_onnxruntime(attn, dynamo):
     """Both ONNX exporters with dynamic H, W: onnxruntime's branches equal PyTorch's to 1e-4 at the export size and
     an odd one. Dynamic export needs H, W >= 33: at 32 the stride-32 branch is 1x1 and torch.export specialises it
     (a clear constraint error)."""
-    import io
-    import warnings
-
     ort = pytest.importorskip("onnxruntime")
     model = randomize_(PsaHighResolutionNetFeatures(psa_hrnet_cfg(MINI, attn)), seed=7).eval()
     xs = [torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1)) for h, w in ONNX_SIZES]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            dim = torch.export.Dim
-            dynamic = {"x": {2: dim("h", min=33, max=512), 3: dim("w", min=33, max=512)}}
-            blob = torch.onnx.export(model, (xs[0],), dynamo=True, input_names=["x"], verbose=False,
-                                     dynamic_shapes=dynamic).model_proto.SerializeToString()
-        else:
-            f = io.BytesIO()
-            torch.onnx.export(model, (xs[0],), f, dynamo=False, input_names=["x"], dynamic_axes={"x": {2: "h", 3: "w"}})
-            blob = f.getvalue()
+    blob = onnx_bytes(model, xs[0], dynamo, min_size=33)
     session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     for x in xs:
         with torch.no_grad():

@@ -14,7 +14,7 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
-from helpers import slow_unless
+from helpers import onnx_bytes, slow_unless
 from torch import nn
 
 import lit_attn  # noqa: F401  (registers the architectures in smp)
@@ -313,8 +313,6 @@ ONNX_SIZES = ((64, 64), (96, 80))
 def check_onnx(arch: str, dynamo: bool) -> None:
     """ONNX export with dynamic H, W, run in onnxruntime at the export size and another: the logits match PyTorch
     to 1e-4 (scaled by the logits' magnitude)."""
-    import io
-
     ort = pytest.importorskip("onnxruntime")
     model = create(arch).eval()
     g = torch.Generator().manual_seed(2)
@@ -323,22 +321,12 @@ def check_onnx(arch: str, dynamo: bool) -> None:
             if p.ndim <= 1 and torch.count_nonzero(p) == 0:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     xs = [sample(h=h, w=w) for h, w in ONNX_SIZES]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            dim = torch.export.Dim
-            dynamic = {"x": {2: dim("h", min=32, max=512), 3: dim("w", min=32, max=512)}}
-            if arch in DYNAMO_STATIC_ONLY:   # refused with dynamic H, W (a clear error): exported at one size
-                with pytest.raises(Exception, match="constraint"):  # noqa: B017
-                    torch.onnx.export(model, (xs[0],), dynamo=True, verbose=False, dynamic_shapes=dynamic)
-                dynamic, xs = None, xs[:1]
-            prog = torch.onnx.export(model, (xs[0],), dynamo=True, input_names=["x"], verbose=False,
-                                     dynamic_shapes=dynamic)
-            blob = prog.model_proto.SerializeToString()
-        else:
-            f = io.BytesIO()
-            torch.onnx.export(model, (xs[0],), f, dynamo=False, input_names=["x"], dynamic_axes={"x": {2: "h", 3: "w"}})
-            blob = f.getvalue()
+    dynamic = True
+    if dynamo and arch in DYNAMO_STATIC_ONLY:   # refused with dynamic H, W (a clear error): exported at one size
+        with pytest.raises(Exception, match="constraint"):  # noqa: B017
+            onnx_bytes(model, xs[0], dynamo)
+        dynamic, xs = False, xs[:1]
+    blob = onnx_bytes(model, xs[0], dynamo, dynamic=dynamic)
     session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     for x in xs:
         with torch.no_grad():
